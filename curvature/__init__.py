@@ -1,0 +1,35 @@
+"""curvlt's geometry engine: measures of class feature manifolds and the curvature regularizer.
+
+Pure tensor code (no Ray, no MLflow, no file I/O). Every function accepts NumPy arrays or torch
+tensors on any device, in float32 or float64; see SPEC §3 for the definitions.
+"""
+
+from curvature.class_geometry import class_geometry
+from curvature.knn import knn
+from curvature.local_pca import intrinsic_dim_from_neighbours
+from curvature.quadratic import QuadraticCurvature, quadratic_curvature
+from curvature.tangent_rotation import TangentRotation, tangent_rotation
+from curvature.volume import Separation, separation, volume
+from curvature._inputs import ArrayLike, as_points, check_k
+from curvature.knn import Backend, knn_indices
+
+
+def intrinsic_dim(points: ArrayLike, k: int = 10, backend: Backend = "auto") -> int:
+    """Intrinsic dimension from local PCA explained variance, clipped to ``[1, k - 2]`` (SPEC §3.3)."""
+    tensor = as_points(points)
+    check_k(k, tensor.shape[0])
+    return intrinsic_dim_from_neighbours(tensor, knn_indices(tensor, k, backend))
+
+
+__all__ = [
+    "QuadraticCurvature",
+    "Separation",
+    "TangentRotation",
+    "class_geometry",
+    "intrinsic_dim",
+    "knn",
+    "quadratic_curvature",
+    "separation",
+    "tangent_rotation",
+    "volume",
+]

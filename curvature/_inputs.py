@@ -1,0 +1,53 @@
+"""Input conversion and validation shared by every public function (SPEC §3.6).
+
+Why one module: every estimator must accept NumPy arrays or torch tensors on any device, refuse
+NaN/Inf with a message that names the offending class, and refuse impossible ``k`` the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+ArrayLike = Any  # numpy.ndarray | torch.Tensor | nested lists
+
+
+def as_points(points: ArrayLike, *, name: str = "points") -> torch.Tensor:
+    """Return ``points`` as a floating (n, p) tensor, keeping its device and float dtype.
+
+    Integer and other non-float inputs become float32. NaN/Inf raise ``ValueError`` naming ``name``
+    (the class, when called from the per-class measurements).
+    """
+    tensor = points if isinstance(points, torch.Tensor) else torch.as_tensor(np.asarray(points))
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.float32)
+    elif tensor.dtype not in (torch.float32, torch.float64):
+        tensor = tensor.to(torch.float32)
+    if tensor.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-d array (n points x p dims), got shape {tuple(tensor.shape)}")
+    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
+        raise ValueError(f"{name}: empty array of shape {tuple(tensor.shape)}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name}: contains NaN or Inf values")
+    return tensor
+
+
+def as_labels(labels: ArrayLike, n: int, device: torch.device) -> torch.Tensor:
+    """Return ``labels`` as an int64 tensor of length ``n`` on ``device``."""
+    tensor = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    if tensor.ndim != 1 or tensor.shape[0] != n:
+        raise ValueError(f"labels: expected shape ({n},) to match the features, got {tuple(tensor.shape)}")
+    if tensor.is_floating_point():
+        if not bool(torch.isfinite(tensor).all()) or bool((tensor != tensor.round()).any()):
+            raise ValueError("labels: must be integers")
+    return tensor.to(device=device, dtype=torch.int64)
+
+
+def check_k(k: int, n: int, *, name: str = "points") -> None:
+    """Neighbour counts must leave at least one other point: ``1 <= k <= n - 1``."""
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k: must be a positive integer, got {k!r}")
+    if k >= n:
+        raise ValueError(f"{name}: k={k} needs at least k + 1 = {k + 1} points, got {n}")

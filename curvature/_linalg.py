@@ -1,0 +1,113 @@
+"""Small batched linear algebra with gradients that stay finite on degenerate input.
+
+Why: ``torch.linalg.eigh``'s backward divides by eigenvalue gaps ``λ_j - λ_i``, which are exactly 0
+for the repeated zero eigenvalues every centred neighbourhood has, and ``sqrt``/``asin`` have
+infinite slopes at 0. The functions here give the same forward values and exact gradients where
+those are defined, and bounded gradients where they are not.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+#: Batches smaller than this are not worth splitting across threads.
+_MIN_PARALLEL_BATCH = 512
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="curvlt-eigh")
+    return _POOL
+
+
+def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` over a batch; on CPU split across threads, since LAPACK solves the
+    small matrices one at a time on one core (2x on the 2-core reference machine)."""
+    flat = matrices.reshape(-1, *matrices.shape[-2:])
+    workers = torch.get_num_threads()
+    if flat.device.type != "cpu" or workers < 2 or flat.shape[0] < _MIN_PARALLEL_BATCH or os.environ.get(
+        "CURVLT_SERIAL_EIGH"
+    ):
+        evals, evecs = torch.linalg.eigh(flat)
+    else:
+        parts = list(_pool().map(torch.linalg.eigh, flat.chunk(workers)))
+        evals = torch.cat([part[0] for part in parts])
+        evecs = torch.cat([part[1] for part in parts])
+    return evals.reshape(matrices.shape[:-1]), evecs.reshape(matrices.shape)
+
+
+class _SymmetricEigh(torch.autograd.Function):
+    """Eigen-decomposition of symmetric matrices (ascending eigenvalues) whose backward clamps
+    eigenvalue gaps at ``100·eps·|λ|_max`` instead of dividing by zero (cf. Wang et al.,
+    "Backpropagation-friendly eigendecomposition", NeurIPS 2019)."""
+
+    @staticmethod
+    def forward(ctx, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        evals, evecs = _eigh_forward(matrices)
+        ctx.save_for_backward(evals, evecs)
+        return evals, evecs
+
+    @staticmethod
+    def backward(ctx, grad_evals: torch.Tensor | None, grad_evecs: torch.Tensor | None):  # type: ignore[override]
+        evals, evecs = ctx.saved_tensors
+        evecs_t = evecs.mT
+        inner = torch.zeros_like(evecs)
+        if grad_evecs is not None:
+            # gap[..., i, j] = λ_j - λ_i; dV = V (F ∘ Vᵀ dA V) with F_ij = 1 / gap_ij (i ≠ j).
+            gap = evals[..., None, :] - evals[..., :, None]
+            floor = 100 * torch.finfo(evals.dtype).eps * evals.abs().amax(-1, keepdim=True)[..., None]
+            floor = floor.clamp_min(torch.finfo(evals.dtype).tiny)
+            gap = torch.where(gap.abs() < floor, torch.where(gap >= 0, floor, -floor), gap)
+            inner = (evecs_t @ grad_evecs) / gap
+            inner.diagonal(dim1=-2, dim2=-1).zero_()
+        if grad_evals is not None:
+            inner = inner + torch.diag_embed(grad_evals)
+        grad = evecs @ inner @ evecs_t
+        return 0.5 * (grad + grad.mT)
+
+
+def symmetric_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a batch of symmetric matrices, gradient-safe."""
+    if matrices.shape[-1] == 1:
+        return matrices[..., 0], torch.ones_like(matrices)
+    return _SymmetricEigh.apply(matrices)
+
+
+def symmetric_eigvals(matrices: torch.Tensor) -> torch.Tensor:
+    """Ascending eigenvalues of symmetric matrices; closed form for 1x1 and 2x2, which are the
+    hot path (tangent dimensions 1 and 2) and would otherwise cost one LAPACK call per matrix."""
+    size = matrices.shape[-1]
+    if size == 1:
+        return matrices[..., 0]
+    if size == 2:
+        a, b, c = matrices[..., 0, 0], matrices[..., 0, 1], matrices[..., 1, 1]
+        half_trace = 0.5 * (a + c)
+        radius = safe_sqrt((0.5 * (a - c)).pow(2) + b.pow(2))
+        return torch.stack([half_trace - radius, half_trace + radius], dim=-1)
+    return symmetric_eigh(matrices)[0]
+
+
+def safe_sqrt(values: torch.Tensor) -> torch.Tensor:
+    """``sqrt`` of non-negative values whose gradient is 0 (not inf) below the dtype's ``tiny``·
+    1e10; the forward value there is below 1e-14 (float32) so nothing measurable is lost."""
+    threshold = torch.finfo(values.dtype).tiny * 1e10
+    positive = values > threshold
+    return torch.where(positive, torch.where(positive, values, threshold).sqrt(), torch.zeros_like(values))
+
+
+def angle_from_sin2(sin2: torch.Tensor) -> torch.Tensor:
+    """``θ = asin(sqrt(sin²θ))`` with finite gradients at θ = 0 and θ = π/2.
+
+    Computing θ from its sine keeps small angles accurate; ``acos`` of a cosine clamped to 1 puts a
+    floor of about ``sqrt(2·eps)`` (3.5e-4 rad in float32) under every angle.
+    """
+    sin2 = sin2.clamp(0.0, 1.0)
+    near_right = sin2 > 1.0 - 4 * torch.finfo(sin2.dtype).eps
+    safe = torch.where(near_right, torch.zeros_like(sin2), sin2)
+    return torch.where(near_right, torch.full_like(sin2, math.pi / 2), torch.asin(safe_sqrt(safe)))

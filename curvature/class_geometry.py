@@ -1,0 +1,50 @@
+"""Per-class geometry table: count, volume, separation, curvature (SPEC §3, §7).
+
+One row per class. A class with fewer than ``k + 1`` points gets no curvature: its row says so in
+``skipped`` and its curvature columns are NaN (pandas' missing value), so it can never be averaged
+in by accident.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from curvature._inputs import ArrayLike, as_labels, as_points
+from curvature.knn import Backend
+from curvature.tangent_rotation import TangentDim, tangent_rotation
+from curvature.volume import separation
+
+COLUMNS = ["label", "count", "volume", "separation", "mean_angle", "mean_kappa", "median_angle",
+           "median_kappa", "tangent_dim", "skipped"]
+
+
+def class_geometry(features: ArrayLike, labels: ArrayLike, k: int = 10, tangent_dim: TangentDim = "auto",
+                   backend: Backend = "auto") -> pd.DataFrame:
+    """Measure every class manifold of ``features`` (n, p) grouped by ``labels`` (n,).
+
+    Columns: ``label, count, volume, separation, mean_angle, mean_kappa, median_angle,
+    median_kappa, tangent_dim, skipped`` ("" or the reason a measure is missing).
+    """
+    points = as_points(features, name="features")
+    label_t = as_labels(labels, points.shape[0], points.device)
+    for label in torch.unique(label_t).tolist():
+        as_points(points[label_t == label], name=f"class {label}")
+    with torch.no_grad():
+        sep = separation(points, label_t)
+        rows = []
+        for index, label in enumerate(sep.labels.tolist()):
+            members = points[label_t == label]
+            row = {"label": label, "count": int(members.shape[0]), "volume": float(sep.volume[index]),
+                   "separation": float(sep.separation[index]) if not sep.skipped[index] else float("nan"),
+                   "mean_angle": float("nan"), "mean_kappa": float("nan"), "median_angle": float("nan"),
+                   "median_kappa": float("nan"), "tangent_dim": 0, "skipped": sep.skipped[index]}
+            if members.shape[0] < k + 1:
+                row["skipped"] = f"fewer than k + 1 = {k + 1} points"
+            else:
+                curv = tangent_rotation(members, k=k, tangent_dim=tangent_dim, backend=backend)
+                row.update(mean_angle=float(curv.mean_angle), mean_kappa=float(curv.mean_kappa),
+                           median_angle=float(curv.median_angle), median_kappa=float(curv.median_kappa),
+                           tangent_dim=curv.tangent_dim)
+            rows.append(row)
+    return pd.DataFrame(rows, columns=COLUMNS)

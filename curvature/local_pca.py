@@ -1,0 +1,102 @@
+"""Local PCA of k-nearest-neighbour patches: spectra, intrinsic dimension, tangent spaces (SPEC §3.3).
+
+Every point's patch is ``{x_i} ∪ N(i)`` (m = k + 1 points), centred. Its top-``d`` right singular
+vectors span the tangent space ``T_i``. They come from the eigen-decomposition of whichever of the
+two Gram matrices is smaller: ``Y Yᵀ`` (m x m, the usual case p > m) or ``Yᵀ Y`` (p x p).
+Patches are processed in chunks so memory stays bounded for large clouds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from curvature._linalg import symmetric_eigh
+
+#: Elements (chunk x m x p) of one patch tensor; bounds the working memory of every pass.
+CHUNK_ELEMENTS = 2**22
+#: Share of local variance the tangent space must explain for ``tangent_dim="auto"``.
+EXPLAINED_VARIANCE = 0.95
+
+
+def chunk_ranges(n: int, per_item: int) -> list[slice]:
+    """Slices of ``range(n)`` holding at most ``CHUNK_ELEMENTS // per_item`` items each."""
+    size = max(1, CHUNK_ELEMENTS // max(1, per_item))
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def centred_patches(points: torch.Tensor, indices: torch.Tensor, rows: slice) -> torch.Tensor:
+    """(len(rows), k+1, p) patches ``{x_i} ∪ N(i)`` minus their mean, divided by a detached
+    per-patch scale so that clouds at 1e-12 or 1e8 neither under- nor overflow in the Gram
+    matrices (the tangent space is scale-free, so no gradient is lost)."""
+    patch = torch.cat([points[rows, None, :], points[indices[rows]]], dim=1)
+    patch = patch - patch.mean(dim=1, keepdim=True)
+    scale = patch.detach().abs().amax(dim=(1, 2), keepdim=True)
+    return patch / torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+@dataclass
+class LocalSpectra:
+    """Per-point patch eigenvalues (descending) and eigenvectors of the smaller Gram matrix."""
+
+    evals: torch.Tensor  # (n, r), r = min(m, p)
+    evecs: torch.Tensor  # (n, m, m) when via_patch_gram else (n, p, p); columns descending
+    via_patch_gram: bool
+
+
+def local_spectra(points: torch.Tensor, indices: torch.Tensor) -> LocalSpectra:
+    """Eigen-decompose every point's centred patch, chunk by chunk."""
+    n, p = points.shape
+    m = indices.shape[1] + 1
+    via_patch_gram = p > m
+    evals, evecs = [], []
+    for rows in chunk_ranges(n, m * p):
+        patch = centred_patches(points, indices, rows)
+        gram = patch @ patch.mT if via_patch_gram else patch.mT @ patch
+        chunk_evals, chunk_evecs = symmetric_eigh(gram)
+        evals.append(chunk_evals.flip(-1))
+        evecs.append(chunk_evecs.flip(-1))
+    return LocalSpectra(torch.cat(evals), torch.cat(evecs), via_patch_gram)
+
+
+def dim_from_spectra(evals: torch.Tensor, k: int, threshold: float = EXPLAINED_VARIANCE) -> int:
+    """Intrinsic dimension: the median over points of the fewest principal directions explaining
+    ``threshold`` of the patch variance, clipped to ``[1, k - 2]`` (SPEC §3.3). Patches with no
+    variance (duplicates) carry no information and are left out of the median."""
+    evals = evals.detach().clamp_min(0)
+    total = evals.sum(dim=1)
+    informative = total > 0
+    upper = max(1, min(k - 2, evals.shape[1]))
+    if not bool(informative.any()):
+        return 1
+    explained = evals[informative].cumsum(dim=1) / total[informative, None]
+    counts = (explained < threshold).sum(dim=1) + 1
+    return int(min(max(int(counts.float().median().round()), 1), upper))
+
+
+def tangent_bases(points: torch.Tensor, indices: torch.Tensor, spectra: LocalSpectra, dim: int) -> torch.Tensor:
+    """(n, d, p) orthonormal tangent bases, one basis vector per row: the top-``d`` right singular
+    vectors of each patch (rows, so that every later product is a plain contiguous ``bmm``).
+
+    Via the patch Gram ``Y Yᵀ = U Λ Uᵀ`` they are ``Yᵀ U Λ^{-1/2}``; a direction with no variance
+    (fewer distinct points than ``d + 1``) gets a zero column instead of a division by zero.
+    """
+    if not spectra.via_patch_gram:
+        return spectra.evecs[..., :dim].mT
+    n = points.shape[0]
+    bases = []
+    for rows in chunk_ranges(n, indices.shape[1] * points.shape[1]):
+        patch = centred_patches(points, indices, rows)
+        top_evals = spectra.evals[rows, :dim]
+        floor = spectra.evals[rows, :1].detach() * (100 * torch.finfo(points.dtype).eps)
+        has_variance = (top_evals > floor) & (top_evals > 0)
+        inv_sqrt = torch.where(has_variance, torch.where(has_variance, top_evals, torch.ones_like(top_evals)).rsqrt(),
+                               torch.zeros_like(top_evals))
+        bases.append((spectra.evecs[rows, :, :dim].mT @ patch) * inv_sqrt[:, :, None])
+    return torch.cat(bases)
+
+
+def intrinsic_dim_from_neighbours(points: torch.Tensor, indices: torch.Tensor) -> int:
+    """Intrinsic dimension of a validated cloud given its neighbour lists."""
+    return dim_from_spectra(local_spectra(points, indices).evals, indices.shape[1])
