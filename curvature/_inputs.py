@@ -14,7 +14,7 @@ import torch
 ArrayLike = Any  # numpy.ndarray | torch.Tensor | nested lists
 
 
-def as_points(points: ArrayLike, *, name: str = "points") -> torch.Tensor:
+def as_points(points: ArrayLike, *, name: str = "points", check_finite: bool = True) -> torch.Tensor:
     """Return ``points`` as a floating (n, p) tensor, keeping its device and float dtype.
 
     Integer and other non-float inputs become float32. NaN/Inf raise ``ValueError`` naming ``name``
@@ -29,9 +29,20 @@ def as_points(points: ArrayLike, *, name: str = "points") -> torch.Tensor:
         raise ValueError(f"{name}: expected a 2-d array (n points x p dims), got shape {tuple(tensor.shape)}")
     if tensor.shape[0] == 0 or tensor.shape[1] == 0:
         raise ValueError(f"{name}: empty array of shape {tuple(tensor.shape)}")
-    if not bool(torch.isfinite(tensor).all()):
+    if check_finite and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name}: contains NaN or Inf values")
     return tensor
+
+
+def as_class_features(features: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated ``(features, labels)``; NaN/Inf raise ``ValueError`` naming the first bad class."""
+    points = as_points(features, name="features", check_finite=False)
+    label_t = as_labels(labels, points.shape[0], points.device)
+    bad_rows = ~torch.isfinite(points).all(dim=1)
+    if bool(bad_rows.any()):
+        bad_class = int(label_t[bad_rows].min())
+        raise ValueError(f"class {bad_class}: features contain NaN or Inf values")
+    return points, label_t
 
 
 def as_labels(labels: ArrayLike, n: int, device: torch.device) -> torch.Tensor:
@@ -45,9 +56,14 @@ def as_labels(labels: ArrayLike, n: int, device: torch.device) -> torch.Tensor:
     return tensor.to(device=device, dtype=torch.int64)
 
 
-def check_k(k: int, n: int, *, name: str = "points") -> None:
-    """Neighbour counts must leave at least one other point: ``1 <= k <= n - 1``."""
+def check_positive_k(k: int) -> None:
+    """A neighbour count is a positive integer."""
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k: must be a positive integer, got {k!r}")
+
+
+def check_k(k: int, n: int, *, name: str = "points") -> None:
+    """Neighbour counts must leave at least one other point: ``1 <= k <= n - 1``."""
+    check_positive_k(k)
     if k >= n:
         raise ValueError(f"{name}: k={k} needs at least k + 1 = {k + 1} points, got {n}")

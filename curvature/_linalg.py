@@ -39,6 +39,12 @@ def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         parts = list(_pool().map(torch.linalg.eigh, flat.chunk(workers)))
         evals = torch.cat([part[0] for part in parts])
         evecs = torch.cat([part[1] for part in parts])
+    failed = ~torch.isfinite(evals).all(dim=-1)
+    if bool(failed.any()):
+        # float32 syevd returns NaN on some exactly rank-deficient inputs (seen with quantised
+        # duplicate patches); float64 solves them, so only those matrices are redone.
+        redo_vals, redo_vecs = torch.linalg.eigh(flat[failed].to(torch.float64))
+        evals[failed], evecs[failed] = redo_vals.to(evals.dtype), redo_vecs.to(evecs.dtype)
     return evals.reshape(matrices.shape[:-1]), evecs.reshape(matrices.shape)
 
 
@@ -60,11 +66,12 @@ class _SymmetricEigh(torch.autograd.Function):
         inner = torch.zeros_like(evecs)
         if grad_evecs is not None:
             # gap[..., i, j] = λ_j - λ_i; dV = V (F ∘ Vᵀ dA V) with F_ij = 1 / gap_ij (i ≠ j).
+            # A zero matrix (a patch of identical points) has no eigenvector to move: gradient 0.
             gap = evals[..., None, :] - evals[..., :, None]
-            floor = 100 * torch.finfo(evals.dtype).eps * evals.abs().amax(-1, keepdim=True)[..., None]
-            floor = floor.clamp_min(torch.finfo(evals.dtype).tiny)
+            magnitude = evals.abs().amax(-1, keepdim=True)[..., None]
+            floor = torch.where(magnitude > 0, 100 * torch.finfo(evals.dtype).eps * magnitude, torch.ones_like(magnitude))
             gap = torch.where(gap.abs() < floor, torch.where(gap >= 0, floor, -floor), gap)
-            inner = (evecs_t @ grad_evecs) / gap
+            inner = torch.where(magnitude > 0, (evecs_t @ grad_evecs) / gap, torch.zeros_like(gap))
             inner.diagonal(dim1=-2, dim2=-1).zero_()
         if grad_evals is not None:
             inner = inner + torch.diag_embed(grad_evals)
@@ -94,20 +101,30 @@ def symmetric_eigvals(matrices: torch.Tensor) -> torch.Tensor:
 
 
 def safe_sqrt(values: torch.Tensor) -> torch.Tensor:
-    """``sqrt`` of non-negative values whose gradient is 0 (not inf) below the dtype's ``tiny``·
-    1e10; the forward value there is below 1e-14 (float32) so nothing measurable is lost."""
-    threshold = torch.finfo(values.dtype).tiny * 1e10
+    """``sqrt`` of non-negative values, 0 (with gradient 0, not inf) below ``eps²`` of the dtype.
+
+    The cut is at the dtype's noise level (1.2e-7 in float32, 2.2e-16 in float64), so nothing
+    measurable is lost, and the slope ``1/(2·sqrt)`` stays below
+    ``1/(2·eps)`` — small enough that chained through ``1/distance`` at 1e-12 scale it does not
+    overflow float32.
+    """
+    threshold = torch.finfo(values.dtype).eps ** 2
     positive = values > threshold
     return torch.where(positive, torch.where(positive, values, threshold).sqrt(), torch.zeros_like(values))
 
 
-def angle_from_sin2(sin2: torch.Tensor) -> torch.Tensor:
-    """``θ = asin(sqrt(sin²θ))`` with finite gradients at θ = 0 and θ = π/2.
+def squared_angle_from_sin2(sin2: torch.Tensor) -> torch.Tensor:
+    """``θ² = asin(sqrt(sin²θ))²`` computed as ``sin²θ · (asin(s)/s)²`` with a series near 0.
 
-    Computing θ from its sine keeps small angles accurate; ``acos`` of a cosine clamped to 1 puts a
-    floor of about ``sqrt(2·eps)`` (3.5e-4 rad in float32) under every angle.
+    Taking θ from its sine keeps small angles accurate; ``acos`` of a cosine clamped to 1 puts a
+    floor of about ``sqrt(2·eps)`` (3.5e-4 rad in float32) under every angle. Squaring without an
+    intermediate ``sqrt`` keeps the gradient finite (it is 1 at θ = 0). Angles within a few eps of
+    π/2, where ``asin`` has an infinite slope, are returned as exactly π/2 with gradient 0.
     """
     sin2 = sin2.clamp(0.0, 1.0)
+    small = sin2 < 1e-4
     near_right = sin2 > 1.0 - 4 * torch.finfo(sin2.dtype).eps
-    safe = torch.where(near_right, torch.zeros_like(sin2), sin2)
-    return torch.where(near_right, torch.full_like(sin2, math.pi / 2), torch.asin(safe_sqrt(safe)))
+    middle = torch.where(small | near_right, torch.full_like(sin2, 0.25), sin2)
+    root = middle.sqrt()
+    ratio_sq = torch.where(small, 1.0 + sin2 / 3.0 + 8.0 * sin2**2 / 45.0, (torch.asin(root) / root) ** 2)
+    return torch.where(near_right, torch.full_like(sin2, (math.pi / 2) ** 2), sin2 * ratio_sq)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from curvature._inputs import ArrayLike, as_labels, as_points
+from curvature._inputs import ArrayLike, as_class_features, check_positive_k
 from curvature.knn import Backend
 from curvature.tangent_rotation import TangentDim, tangent_rotation
 from curvature.volume import separation
@@ -26,10 +26,8 @@ def class_geometry(features: ArrayLike, labels: ArrayLike, k: int = 10, tangent_
     Columns: ``label, count, volume, separation, mean_angle, mean_kappa, median_angle,
     median_kappa, tangent_dim, skipped`` ("" or the reason a measure is missing).
     """
-    points = as_points(features, name="features")
-    label_t = as_labels(labels, points.shape[0], points.device)
-    for label in torch.unique(label_t).tolist():
-        as_points(points[label_t == label], name=f"class {label}")
+    check_positive_k(k)
+    points, label_t = as_class_features(features, labels)
     with torch.no_grad():
         sep = separation(points, label_t)
         rows = []

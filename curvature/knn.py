@@ -90,8 +90,9 @@ def drop_self(found: torch.Tensor, k: int) -> torch.Tensor:
 
 def gather_distances(points: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Euclidean distances ``|x_i - x_j|`` for ``j`` in ``indices[i]``, differentiable."""
-    diffs = points[indices] - points[:, None, :]
-    return diffs.pow(2).sum(-1).clamp_min(0).sqrt()
+    # vector_norm's backward is x/|x| (0 at x = 0): unlike sqrt(sum(x²)) it neither overflows
+    # float32 for clouds at 1e-12 scale nor turns a duplicate point into a NaN gradient.
+    return torch.linalg.vector_norm(points[indices] - points[:, None, :], dim=-1)
 
 
 def knn_indices(points: torch.Tensor, k: int, backend: Backend = "auto") -> torch.Tensor:

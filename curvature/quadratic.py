@@ -49,7 +49,10 @@ def _fit_second_fundamental_form(offsets: torch.Tensor, bases: torch.Tensor) -> 
     radius = torch.where(radius > 0, radius, torch.ones_like(radius))
     design = _design(coords / radius)  # (c, k, q), well conditioned
     normal_eq = design.mT @ design
-    ridge = 1e-8 * normal_eq.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)[:, None, None]
+    # Coordinates are scaled to at most 1, so a ridge of 100·eps of the trace (plus 1e-12) only
+    # matters for rank-deficient patches (duplicates, collinear points): their fit stays finite.
+    trace = normal_eq.diagonal(dim1=-2, dim2=-1).sum(-1)
+    ridge = (100 * torch.finfo(offsets.dtype).eps * trace + 1e-12)[:, None, None]
     eye = torch.eye(normal_eq.shape[-1], dtype=offsets.dtype, device=offsets.device)
     coef = torch.linalg.solve(normal_eq + ridge * eye, design.mT @ normal)  # (c, q, p)
     coef = coef[:, d:] / radius**2  # drop the linear tilt terms; undo the coordinate scaling

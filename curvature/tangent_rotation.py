@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from curvature._inputs import ArrayLike, as_points, check_k
-from curvature._linalg import angle_from_sin2, safe_sqrt, symmetric_eigvals
+from curvature._linalg import safe_sqrt, squared_angle_from_sin2, symmetric_eigvals
 from curvature.knn import Backend, gather_distances, knn_indices
 from curvature.local_pca import chunk_ranges, dim_from_spectra, local_spectra, tangent_bases
 
@@ -38,8 +38,7 @@ def grassmann_distances(bases: torch.Tensor, indices: torch.Tensor) -> torch.Ten
         residual = other - (other @ own.mT) @ own  # (c, k*d, p)
         residual = residual.reshape(-1, k, d, p)
         sin2 = symmetric_eigvals(_row_gram(residual))  # (c, k, d)
-        theta = angle_from_sin2(sin2)
-        out.append(safe_sqrt(theta.pow(2).sum(dim=-1)))
+        out.append(safe_sqrt(squared_angle_from_sin2(sin2).sum(dim=-1)))
     return torch.cat(out)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from curvature._inputs import ArrayLike, as_labels, as_points
+from curvature._inputs import ArrayLike, as_class_features, as_points
 from curvature._linalg import symmetric_eigh
 
 #: Classes whose own volume is below this many bits cannot normalise a separation degree.
@@ -54,8 +54,7 @@ def separation(features: ArrayLike, labels: ArrayLike, scale: float | None = Non
     well separated classes, small for overlapping ones. A class of (numerically) zero volume is
     skipped with that reason rather than reported as infinitely separated.
     """
-    points = as_points(features, name="features")
-    label_t = as_labels(labels, points.shape[0], points.device)
+    points, label_t = as_class_features(features, labels)
     classes = torch.unique(label_t)
     total = volume_of(points, scale)
     values, own_volumes, skipped = [], [], []

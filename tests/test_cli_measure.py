@@ -1,0 +1,77 @@
+"""``curvlt measure`` end to end, through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from curvature import manifolds
+
+CURVLT = shutil.which("curvlt") or str(Path(sys.executable).with_name("curvlt"))
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CURVLT, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def feature_file(tmp_path, rng) -> Path:
+    features = np.concatenate([manifolds.sphere(800, 2, r, 10, rng) for r in (1.0, 2.0)]).astype(np.float32)
+    path = tmp_path / "features.npz"
+    np.savez(path, features=features, labels=np.repeat([0, 1], 800))
+    return path
+
+
+def test_npz_to_csv(feature_file, tmp_path):
+    out = tmp_path / "geometry.csv"
+    result = run("measure", str(feature_file), "--k", "15", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "mean_kappa" in result.stdout
+    table = pd.read_csv(out)
+    assert table["mean_kappa"].tolist() == pytest.approx([1.0, 0.5], rel=0.05)
+
+
+def test_pt_to_json(feature_file, tmp_path):
+    with np.load(feature_file) as archive:
+        torch.save({"features": torch.tensor(archive["features"]), "labels": torch.tensor(archive["labels"])},
+                   tmp_path / "features.pt")
+    out = tmp_path / "geometry.json"
+    result = run("measure", str(tmp_path / "features.pt"), "--tangent-dim", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert [row["tangent_dim"] for row in rows] == [2, 2]
+
+
+def test_bundled_example():
+    result = run("measure", "--example")
+    assert result.returncode == 0, result.stderr
+    assert "true_kappa" in result.stdout
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"feats": np.zeros((5, 2)), "labels": np.zeros(5, dtype=int)}, "missing key 'features'"),
+    ({"features": np.zeros(5), "labels": np.zeros(5, dtype=int)}, "'features' must be 2-d"),
+    ({"features": np.zeros((5, 2)), "labels": np.zeros(4, dtype=int)}, "'labels' must have shape (5,)"),
+])
+def test_bad_files_fail_with_one_line(tmp_path, content, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **content)
+    result = run("measure", str(path))
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_file_and_bad_options(tmp_path, feature_file):
+    assert "no such file" in run("measure", str(tmp_path / "nope.npz")).stderr
+    assert "--tangent-dim" in run("measure", str(feature_file), "--tangent-dim", "x").stderr
+    assert "--out" in run("measure", str(feature_file), "--out", "g.xlsx").stderr
+    assert "k: must be a positive integer" in run("measure", str(feature_file), "--k", "0").stderr
+    assert "fewer than k + 1 = 5001 points" in run("measure", str(feature_file), "--k", "5000").stdout

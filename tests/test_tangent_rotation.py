@@ -1,0 +1,99 @@
+"""Tangent-rotation curvature against manifolds of known curvature (SPEC §3.3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from curvature import intrinsic_dim, manifolds, tangent_rotation
+
+RADIUS = 2.0
+
+
+@pytest.mark.parametrize("n", [2000, 5000])
+@pytest.mark.parametrize("ambient", [None, 16, 128])
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_sphere_curvature_is_one_over_radius(dim, ambient, n, rng):
+    points = manifolds.sphere(n, dim, RADIUS, ambient or dim + 1, rng).astype(np.float32)
+    result = tangent_rotation(points, k=20)
+    assert result.tangent_dim == dim
+    assert float(result.mean_kappa) * RADIUS == pytest.approx(1.0, rel=0.05)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_auto_recovers_dimension_at_default_k(dim, rng):
+    points = manifolds.sphere(3000, dim, 1.0, 64, rng)
+    assert intrinsic_dim(points) == dim
+    assert tangent_rotation(points).tangent_dim == dim
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_flat_patch_has_no_curvature(dim, rng):
+    # Same sampling density as 2,000 points on the unit sphere S^dim.
+    unit_sphere_area = {1: 2 * np.pi, 2: 4 * np.pi, 3: 2 * np.pi**2}[dim]
+    half_side = unit_sphere_area ** (1 / dim) / 2
+    points = manifolds.plane(2000, dim, 32, rng, extent=half_side).astype(np.float32)
+    result = tangent_rotation(points, k=20)
+    assert result.tangent_dim == dim
+    assert float(result.mean_kappa) < 1e-3
+
+
+def test_rotation_and_translation_change_nothing(rng):
+    points = manifolds.sphere(1500, 2, 1.5, 10, rng)
+    moved = points @ manifolds.random_rotation(10, rng) + rng.normal(size=10) * 5
+    a, b = tangent_rotation(points, k=15), tangent_rotation(moved, k=15)
+    assert float(b.mean_kappa) == pytest.approx(float(a.mean_kappa), rel=1e-6)
+    assert float(b.mean_angle) == pytest.approx(float(a.mean_angle), rel=1e-6)
+
+
+@pytest.mark.parametrize("factor", [1e-3, 7.0, 1e4])
+def test_scaling_divides_kappa_and_keeps_angle(factor, rng):
+    points = manifolds.sphere(1500, 2, 1.0, 10, rng)
+    a, b = tangent_rotation(points, k=15), tangent_rotation(points * factor, k=15)
+    assert float(b.mean_kappa) * factor == pytest.approx(float(a.mean_kappa), rel=1e-6)
+    assert float(b.mean_angle) == pytest.approx(float(a.mean_angle), rel=1e-6)
+
+
+def test_float32_agrees_with_float64(rng):
+    points = manifolds.sphere(2000, 2, 1.0, 32, rng)
+    a = tangent_rotation(points.astype(np.float64), k=15)
+    b = tangent_rotation(points.astype(np.float32), k=15)
+    assert float(b.mean_kappa) == pytest.approx(float(a.mean_kappa), rel=1e-4)
+
+
+def test_small_angles_are_not_floored(rng):
+    """A densely sampled circle: neighbour angles of ~1e-3 rad must not be inflated by an acos
+    clamp (which would floor every angle near 3.5e-4 rad in float32)."""
+    points = manifolds.sphere(20000, 1, 1.0, 8, rng).astype(np.float32)
+    result = tangent_rotation(points, k=10)
+    assert float(result.mean_kappa) == pytest.approx(1.0, rel=0.05)
+
+
+def test_explicit_tangent_dim_and_bad_values(rng):
+    points = manifolds.sphere(500, 2, 1.0, 5, rng)
+    assert tangent_rotation(points, k=10, tangent_dim=2).tangent_dim == 2
+    for bad in (0, 11, 2.5, "two", True):
+        with pytest.raises(ValueError, match="tangent_dim"):
+            tangent_rotation(points, k=10, tangent_dim=bad)
+
+
+def test_overestimated_dimension_hides_curvature(rng):
+    """Why ``auto`` matters: S^2 seen with d = 3 looks almost flat."""
+    points = manifolds.sphere(3000, 2, 1.0, 3, rng)
+    assert float(tangent_rotation(points, k=15, tangent_dim=3).mean_kappa) < 0.05
+
+
+def test_gradcheck_float64(rng):
+    points = torch.tensor(manifolds.sphere(30, 2, 1.0, 4, rng) + 0.05 * rng.normal(size=(30, 4)), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: tangent_rotation(x, k=7, tangent_dim=2).mean_kappa, (points,))
+    assert torch.autograd.gradcheck(lambda x: tangent_rotation(x, k=7, tangent_dim=2).mean_angle, (points,))
+    wide = torch.tensor(rng.normal(size=(25, 12)), requires_grad=True)  # p > k + 1: patch-Gram path
+    assert torch.autograd.gradcheck(lambda x: tangent_rotation(x, k=6, tangent_dim=3).mean_kappa, (wide,))
+
+
+def test_runs_on_device(device, rng):
+    points = torch.tensor(manifolds.sphere(2000, 2, RADIUS, 16, rng), dtype=torch.float32, device=device)
+    result = tangent_rotation(points, k=20)
+    assert result.kappa.device.type == device
+    assert float(result.mean_kappa) * RADIUS == pytest.approx(1.0, rel=0.05)
