@@ -11,14 +11,13 @@ from typing import Literal
 
 import torch
 
+from curvature._chunks import chunk_ranges
 from curvature._inputs import ArrayLike, as_points, check_k
 
 Backend = Literal["auto", "torch", "faiss"]
 
 #: On CPU, clouds at least this large go to FAISS under ``backend="auto"`` (see choose_backend).
 CPU_FAISS_MIN_POINTS = 3000
-#: Rows of the distance matrix computed at once by the torch backend (bounded memory).
-_ROW_CHUNK_ELEMENTS = 2**24
 
 
 def faiss_available() -> bool:
@@ -53,12 +52,10 @@ def choose_backend(n: int, p: int, device: torch.device) -> str:
 def _torch_indices(points: torch.Tensor, k: int) -> torch.Tensor:
     """Chunked ``torch.cdist`` plus ``topk``; self excluded by index, not by distance."""
     n = points.shape[0]
-    rows_per_chunk = max(1, _ROW_CHUNK_ELEMENTS // n)
     out = torch.empty(n, k, dtype=torch.int64, device=points.device)
-    for start in range(0, n, rows_per_chunk):
-        rows = slice(start, min(start + rows_per_chunk, n))
+    for rows in chunk_ranges(n, n):
         dist = torch.cdist(points[rows], points)
-        dist.diagonal(offset=start).fill_(float("inf"))
+        dist.diagonal(offset=rows.start).fill_(float("inf"))
         out[rows] = dist.topk(k, dim=1, largest=False).indices
     return out
 
@@ -92,7 +89,8 @@ def gather_distances(points: torch.Tensor, indices: torch.Tensor) -> torch.Tenso
     """Euclidean distances ``|x_i - x_j|`` for ``j`` in ``indices[i]``, differentiable."""
     # vector_norm's backward is x/|x| (0 at x = 0): unlike sqrt(sum(x²)) it neither overflows
     # float32 for clouds at 1e-12 scale nor turns a duplicate point into a NaN gradient.
-    return torch.linalg.vector_norm(points[indices] - points[:, None, :], dim=-1)
+    return torch.cat([torch.linalg.vector_norm(points[indices[rows]] - points[rows, None, :], dim=-1)
+                      for rows in chunk_ranges(points.shape[0], indices.shape[1] * points.shape[1])])
 
 
 def knn_indices(points: torch.Tensor, k: int, backend: Backend = "auto") -> torch.Tensor:

@@ -18,7 +18,8 @@ import torch
 
 from curvature._inputs import ArrayLike, as_points, check_k
 from curvature.knn import Backend, knn_indices
-from curvature.local_pca import chunk_ranges, local_spectra, tangent_bases
+from curvature._chunks import chunk_ranges
+from curvature.local_pca import local_spectra, tangent_bases
 from curvature.tangent_rotation import TangentDim, resolve_tangent_dim
 
 
