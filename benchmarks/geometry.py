@@ -6,7 +6,7 @@ Side by side, in one run, on one cloud:
     SVD; per neighbour another query and SVD, in NumPy) — angles taken from sines so that both
     compute the same quantity,
   * the floor: brute-force distance product plus top-k on the same cloud.
-Then ``class_geometry`` on 10 classes x 1,000 points, the peak memory of ``tangent_rotation`` at
+Then ``class_geometry`` on 10 classes x 1,000 points, the noise each estimator tolerates, the peak memory of ``tangent_rotation`` at
 n = 50,000, p = 512, k = 20 (in a child process), a torch-vs-FAISS kNN table, and a CUDA row when a
 GPU is present.
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from _machine import best_time, describe
-from curvature import class_geometry, manifolds, tangent_rotation
+from curvature import class_geometry, manifolds, quadratic_curvature, tangent_rotation
 from curvature.knn import _faiss_indices, _torch_indices, choose_backend, knn_indices
 from curvature.local_pca import local_spectra, tangent_bases
 from curvature.tangent_rotation import grassmann_distances
@@ -138,6 +138,22 @@ def memory_section() -> None:
         print(f"| {label} | {dim} | {float(seconds):.1f} | {max(peak, before) / 2**20:.2f} | {float(base):.2f} |")
 
 
+def noise_section() -> None:
+    """How much isotropic ambient noise each estimator tolerates (SPEC §3.3: measure, don't hide)."""
+    print("\n## noise tolerance: S^2 (r=1), 2,000 points in R^64, isotropic Gaussian noise of std sigma per axis")
+    print("| sigma | sigma*sqrt(p) | auto d | tangent rotation kappa*r (auto, k=15) | (d=2, k=15) | quadratic Gaussian*r^2 (d=2, k=30) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    rng = np.random.default_rng(3)
+    clean = manifolds.sphere(2000, 2, 1.0, 64, rng)
+    for sigma in (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1):
+        noisy = torch.from_numpy((clean + sigma * rng.normal(size=clean.shape)).astype(np.float32))
+        auto = tangent_rotation(noisy, k=15)
+        fixed = tangent_rotation(noisy, k=15, tangent_dim=2)
+        gaussian = quadratic_curvature(noisy, k=30, tangent_dim=2).gaussian.mean()
+        print(f"| {sigma:g} | {sigma * 8:.3f} | {auto.tangent_dim} | {float(auto.mean_kappa):.3f} | "
+              f"{float(fixed.mean_kappa):.3f} | {float(gaussian):.3f} |")
+
+
 def knn_section(sizes: list[int]) -> None:
     print("\n## kNN, k=10, float32: torch (cdist + topk, chunked) vs faiss-cpu (IndexFlatL2), ms")
     print("| p | n | torch | faiss | faiss speed-up | auto picks |")
@@ -174,6 +190,7 @@ def main() -> None:
     print(describe())
     speed_section(1500, 64, 15)
     class_geometry_section()
+    noise_section()
     if not args.quick:
         memory_section()
     knn_section([500, 1000, 2000, 4000] if args.quick else [500, 1000, 2000, 4000, 8000, 16000])

@@ -1,0 +1,134 @@
+"""Curvature regularization (CR) of class feature manifolds (SPEC §4).
+
+``L_CR = mean_c[-log(1 - g_c + ε)] + β · std_c(g_c)`` with ``g_c = a_c / (sqrt(d) · π/2) ∈ [0, 1]``,
+``a_c`` the dimensionless tangent-rotation angle curvature (SPEC §3.3) of the cloud
+(this step's features of class c, with gradient) ∪ (queue of c, detached). The convex
+``-log(1 - g)`` punishes the most curved manifolds most and, for a fixed mean, is smallest when all
+``g_c`` are equal: flatter and balanced, the two goals of Ma et al. (CVPR 2023); ``β`` adds an
+explicit balance term. This formulation is curvlt's; the paper's exact term was not published.
+
+All classes go through the geometry engine in one batch: classes are padded to a common length,
+neighbours are found per class with one batched distance computation, and the per-point estimator
+(:func:`curvature.tangent_rotation.pointwise_curvature`) runs once over every point of every class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from curvature.local_pca import local_spectra
+from curvature.queue import ClassFeatureQueue, GatherFn, gather_from_all_workers, rank_within_class
+from curvature.tangent_rotation import TangentDim, pointwise_curvature, resolve_tangent_dim
+
+
+@dataclass
+class CRResult:
+    """One step of :class:`CurvatureRegularizer`."""
+
+    loss: torch.Tensor  # 0-d, carries gradient to this step's features
+    class_curvature: torch.Tensor  # (C,) detached g_c; 0 where not measured
+    measured: torch.Tensor  # (C,) bool: the class had at least k + 1 points
+    tangent_dim: int  # 0 when nothing was measured
+
+
+def _class_clouds(features: torch.Tensor, labels: torch.Tensor, queue: ClassFeatureQueue,
+                  min_points: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded per-class clouds (C', M, D) = queue slots then this step's features, their validity
+    mask (C', M), and the class ids (C',) of the classes with at least ``min_points`` points."""
+    num_classes, queue_size = queue.num_classes, queue.queue_size
+    ranks = rank_within_class(labels, num_classes)
+    width = queue_size + int(torch.bincount(labels, minlength=num_classes).max()) if labels.numel() else queue_size
+    padded = features.new_zeros(num_classes, width, features.shape[1])
+    padded[:, :queue_size] = queue.queue.to(features.dtype)
+    padded = padded.index_put((labels, queue_size + ranks), features)  # out of place: keeps the gradient
+    valid = torch.zeros(num_classes, width, dtype=torch.bool, device=features.device)
+    valid[:, :queue_size] = queue.filled()
+    valid[labels, queue_size + ranks] = True
+    eligible = torch.nonzero(valid.sum(dim=1) >= min_points).flatten()
+    return padded[eligible], valid[eligible], eligible
+
+
+def _neighbours_within_class(clouds: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """(C', M, k) neighbour slots of every slot among the valid slots of its own class."""
+    with torch.no_grad():
+        dist = torch.cdist(clouds, clouds)
+        dist.masked_fill_(~valid[:, None, :], float("inf"))
+        dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+        return dist.topk(k, dim=2, largest=False).indices
+
+
+class CurvatureRegularizer(nn.Module):
+    """Curvature regularization term with its per-class feature queue (SPEC §4).
+
+    Call once per training step with the penultimate features and labels of the local batch:
+    ``result = cr(features, labels, epoch)``; add ``weight * result.loss`` to the base loss (the
+    module does not apply ``weight`` itself, so the caller logs the raw ``L_CR``). It computes the
+    loss from ``start_epoch`` on, then enqueues this step's features (gathered from all workers).
+    With ``weight == 0`` it does no queue or curvature work at all.
+    """
+
+    def __init__(self, num_classes: int, feature_dim: int, *, weight: float = 0.0, balance_weight: float = 0.0,
+                 k: int = 10, queue_size: int = 128, start_epoch: int = 0, tangent_dim: TangentDim = "auto",
+                 eps: float = 1e-6, gather: GatherFn = gather_from_all_workers):
+        super().__init__()
+        checks = {"weight": weight >= 0, "balance_weight": balance_weight >= 0, "start_epoch": start_epoch >= 0,
+                  "eps": 0 < eps < 1, "k": isinstance(k, int) and k >= 2}
+        for name, ok in checks.items():
+            if not ok:
+                allowed = {"k": "an integer >= 2", "eps": "in (0, 1)"}.get(name, ">= 0")
+                raise ValueError(f"cr.{name}: must be {allowed}, got {locals()[name]!r}")
+        if tangent_dim != "auto" and (isinstance(tangent_dim, bool) or not isinstance(tangent_dim, int)
+                                      or not 1 <= tangent_dim <= min(k, feature_dim)):
+            raise ValueError(f"cr.tangent_dim: must be 'auto' or an integer in [1, {min(k, feature_dim)}], "
+                             f"got {tangent_dim!r}")
+        self.weight, self.balance_weight, self.k = weight, balance_weight, k
+        self.start_epoch, self.tangent_dim, self.eps = start_epoch, tangent_dim, eps
+        self.num_classes = num_classes
+        self.queue = ClassFeatureQueue(num_classes, feature_dim, queue_size, gather)
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor, epoch: int) -> CRResult:
+        zeros = features.new_zeros(self.num_classes)
+        result = CRResult(features.new_zeros(()), zeros, torch.zeros_like(zeros, dtype=torch.bool), 0)
+        if not self.active:
+            return result
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            if epoch >= self.start_epoch:
+                result = self._loss(features.float(), labels)
+            self.queue.enqueue(features, labels)
+        return result
+
+    def _loss(self, features: torch.Tensor, labels: torch.Tensor) -> CRResult:
+        clouds, valid, classes = _class_clouds(features, labels, self.queue, self.k + 1)
+        measured = torch.zeros(self.num_classes, dtype=torch.bool, device=features.device)
+        curvature = features.new_zeros(self.num_classes)
+        if classes.numel() == 0:
+            return CRResult(features.new_zeros(()), curvature, measured, 0)
+        width = clouds.shape[1]
+        slots = _neighbours_within_class(clouds, valid, self.k)  # (C', M, k)
+        # Flatten the valid slots of all classes into one cloud with global neighbour indices.
+        flat_valid = valid.flatten()
+        compact = torch.cumsum(flat_valid, 0) - 1  # slot -> row in the compact cloud
+        offsets = (torch.arange(clouds.shape[0], device=features.device) * width)[:, None, None]
+        points = clouds.flatten(0, 1)[flat_valid]
+        neighbours = compact[(slots + offsets).flatten(0, 1)[flat_valid]]
+        owner = torch.arange(clouds.shape[0], device=features.device).repeat_interleave(width)[flat_valid]
+        spectra = local_spectra(points, neighbours)
+        dim = resolve_tangent_dim(self.tangent_dim, spectra.evals, self.k, points.shape[1])
+        angle, _ = pointwise_curvature(points, neighbours, dim, spectra)
+        class_angle = torch.zeros(classes.numel(), dtype=angle.dtype, device=angle.device).index_add(0, owner, angle)
+        class_angle = class_angle / torch.bincount(owner, minlength=classes.numel())
+        normalised = (class_angle / (math.sqrt(dim) * math.pi / 2)).clamp(0, 1)  # g_c
+        loss = -torch.log1p(self.eps - normalised).mean()
+        if self.balance_weight > 0 and normalised.numel() > 1:
+            loss = loss + self.balance_weight * normalised.std(unbiased=False)
+        measured[classes] = True
+        curvature[classes] = normalised.detach()
+        return CRResult(loss, curvature, measured, dim)
