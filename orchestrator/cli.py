@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator import measure_command
+from orchestrator import measure_command, train_command
 from orchestrator.errors import UserError
 
-COMMANDS = [measure_command]
+COMMANDS = [measure_command, train_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,328 @@
+"""Typed, strictly validated experiment configuration (SPEC §8; nanoGPT's strict overrides).
+
+A config is YAML — a bundled name (``orchestrator/configs/NAME.yaml``) or a path — whose keys mirror
+the dataclasses below; missing keys take the defaults. ``--set a.b=value`` overrides (value parsed as
+YAML) go through the same checks. An unknown key or a wrong value stops with one line naming the key
+and what is allowed. The resolved config is snapshotted into checkpoints and MLflow params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from orchestrator.errors import UserError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class SyntheticConfig:
+    """Classes sampled from round spheres (known curvature 1/r), SPEC §5 ``synthetic_manifolds``."""
+
+    num_classes: int = 8
+    manifold_dim: int = 2
+    ambient_dim: int = 16
+    radius_min: float = 0.5
+    radius_max: float = 4.0
+    noise: float = 0.0
+    test_per_class: int = 100
+    max_per_class: int = 500
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits_lt"
+    root: str = "~/.cache/curvlt/data"
+    imbalance_factor: float = 10.0
+    download: bool = False
+    many_threshold: int = 100  # Many: more than this many training images
+    few_threshold: int = 20  # Few: fewer than this many
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+
+
+@dataclass
+class LossConfig:
+    name: str = "ce"
+    focal_gamma: float = 1.0
+    ldam_max_m: float = 0.5
+    ldam_s: float = 30.0
+    drw_epoch: int = -1  # deferred re-weighting from this epoch; -1 = never
+    la_tau: float = 1.0
+
+
+@dataclass
+class CRConfig:
+    """Curvature regularization, SPEC §4: L = L_base + weight · L_CR."""
+
+    weight: float = 0.0
+    balance_weight: float = 0.0
+    k: int = 10
+    queue_size: int = 128
+    start_epoch: int = 0
+    tangent_dim: int | Literal["auto"] = "auto"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["step", "cosine", "constant"] = "cosine"
+    milestones: list[int] = field(default_factory=list)  # for "step"
+    gamma: float = 0.1  # lr factor at each milestone
+    warmup_epochs: int = 0
+    amp: bool = True  # bfloat16 autocast on GPU; ignored on CPU
+    max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 shrinks a job for smoke tests
+
+
+@dataclass
+class EvalConfig:
+    geometry_every: int = 5  # 0 = never; the last epoch is always measured when > 0
+    geometry_max_points: int = 500  # per class, fixed subsample of the training set
+    geometry_k: int = 10
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1
+    keep: int = 2
+    max_failures: int = 3  # worker-group restarts before the run fails
+    storage_path: str = ""  # Ray Train run folder; "" = ./curvlt_runs (use shared storage on clusters)
+
+
+@dataclass
+class MlflowConfig:
+    experiment: str = "curvlt"
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
+    run_name: str = ""
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    cr: CRConfig = field(default_factory=CRConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Range checks: key -> (predicate, what is allowed). Types are checked from the annotations.
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "dataset.imbalance_factor": (lambda v: v >= 1, ">= 1 (1 = balanced)"),
+    "dataset.many_threshold": _NON_NEGATIVE,
+    "dataset.few_threshold": _NON_NEGATIVE,
+    "dataset.synthetic.num_classes": (lambda v: v >= 2, ">= 2"),
+    "dataset.synthetic.manifold_dim": _POSITIVE,
+    "dataset.synthetic.ambient_dim": _POSITIVE,
+    "dataset.synthetic.radius_min": _POSITIVE,
+    "dataset.synthetic.radius_max": _POSITIVE,
+    "dataset.synthetic.noise": _NON_NEGATIVE,
+    "dataset.synthetic.test_per_class": _POSITIVE,
+    "dataset.synthetic.max_per_class": _POSITIVE,
+    "loss.focal_gamma": _NON_NEGATIVE,
+    "loss.ldam_max_m": _POSITIVE,
+    "loss.ldam_s": _POSITIVE,
+    "loss.drw_epoch": (lambda v: v >= -1, ">= -1 (-1 = never)"),
+    "cr.weight": _NON_NEGATIVE,
+    "cr.balance_weight": _NON_NEGATIVE,
+    "cr.k": (lambda v: v >= 3, ">= 3"),
+    "cr.queue_size": _POSITIVE,
+    "cr.start_epoch": _NON_NEGATIVE,
+    "cr.tangent_dim": (lambda v: v == "auto" or v >= 1, "'auto' or an integer >= 1"),
+    "train.epochs": _POSITIVE,
+    "train.batch_size": _POSITIVE,
+    "train.lr": _POSITIVE,
+    "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.gamma": _POSITIVE,
+    "train.warmup_epochs": _NON_NEGATIVE,
+    "train.max_steps_per_epoch": _NON_NEGATIVE,
+    "eval.geometry_every": _NON_NEGATIVE,
+    "eval.geometry_max_points": (lambda v: v >= 2, ">= 2"),
+    "eval.geometry_k": (lambda v: v >= 3, ">= 3"),
+    "scaling.num_workers": _POSITIVE,
+    "scaling.cpus_per_worker": _POSITIVE,
+    "checkpoint.every": _POSITIVE,
+    "checkpoint.keep": _POSITIVE,
+    "checkpoint.max_failures": (lambda v: v >= -1, ">= -1 (-1 = unlimited)"),
+}
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, str(annotation))
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against ``annotation``; ints are accepted for floats, nothing else is converted."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        if value in typing.get_args(annotation):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, key)
+            except UserError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(item, typing.get_args(annotation)[0], key) for item in value]
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, annotation):
+        return value
+    raise UserError(f"{key}: must be {_type_name(annotation)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'}: must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in data if key not in names]
+    if unknown:
+        raise UserError(f"{prefix}{unknown[0]}: unknown key; allowed here: {', '.join(names)}")
+    values = {}
+    for name in names:
+        if name not in data:
+            continue
+        key = prefix + name
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], data[name] or {}, key + ".")
+        else:
+            values[name] = _coerce(data[name], hints[name], key)
+            check = RANGES.get(key)
+            if check and not check[0](values[name]):
+                raise UserError(f"{key}: must be {check[1]}, got {values[name]!r}")
+    return cls(**values)
+
+
+def _cross_checks(config: ExperimentConfig) -> None:
+    if config.dataset.few_threshold > config.dataset.many_threshold:
+        raise UserError("dataset.few_threshold: must not exceed dataset.many_threshold")
+    if config.dataset.synthetic.radius_min > config.dataset.synthetic.radius_max:
+        raise UserError("dataset.synthetic.radius_min: must not exceed dataset.synthetic.radius_max")
+    if config.cr.tangent_dim != "auto" and config.cr.tangent_dim > config.cr.k:
+        raise UserError(f"cr.tangent_dim: must be 'auto' or at most cr.k = {config.cr.k}")
+    if config.train.warmup_epochs >= config.train.epochs and config.train.warmup_epochs > 0:
+        raise UserError(f"train.warmup_epochs: must be below train.epochs = {config.train.epochs}")
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A bundled config name (``digits_lt``) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"{path}: no such config file")
+        return path
+    bundled = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not bundled.is_file():
+        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise UserError(f"{name_or_path}: not a config file nor a bundled config; bundled: {names}")
+    return bundled
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of config keys")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (``"a.b"``, YAML-parsed value)."""
+    if "=" not in text:
+        raise UserError(f"--set {text}: expected key=value, e.g. --set train.epochs=3")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); unknown keys are caught later by the builder."""
+    data = _deep_copy(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deep_copy(data: Any) -> Any:
+    return {k: _deep_copy(v) for k, v in data.items()} if isinstance(data, dict) else data
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    config = _build(ExperimentConfig, data, "")
+    _cross_checks(config)
+    return config
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load, override and validate an experiment config."""
+    data = load_yaml(resolve_config_path(name_or_path))
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists become strings), for MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,96 @@
+"""Per-epoch evaluation (SPEC §7): accuracy overall, per class and per shot group; at geometry
+epochs, per-class geometry of the features and its correlation with class accuracy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+from torch.utils.data import DataLoader
+
+from curvature import class_geometry
+
+SHOT_NAMES = ("many", "medium", "few")
+#: Geometry measure -> column of curvature.class_geometry; "curvature" is the dimensionless angle
+#: curvature a_c that CR acts on (scale-free, so comparable across classes and epochs).
+MEASURES = {"curvature": "mean_angle", "separation": "separation", "volume": "volume"}
+
+
+@dataclass
+class Predictions:
+    features: torch.Tensor  # (n, D) on CPU
+    labels: torch.Tensor  # (n,)
+    predicted: torch.Tensor  # (n,)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> Predictions:
+    """Features, labels and argmax predictions of ``model`` (in eval mode) over ``loader``."""
+    was_training = model.training
+    model.eval()
+    features, labels, predicted = [], [], []
+    for images, targets in loader:
+        feats, logits = model(images.to(device))
+        features.append(feats.float().cpu())
+        labels.append(targets)
+        predicted.append(logits.argmax(dim=1).cpu())
+    model.train(was_training)
+    return Predictions(torch.cat(features), torch.cat(labels), torch.cat(predicted))
+
+
+def class_accuracy(predictions: Predictions, num_classes: int) -> np.ndarray:
+    correct = torch.bincount(predictions.labels[predictions.predicted == predictions.labels], minlength=num_classes)
+    total = torch.bincount(predictions.labels, minlength=num_classes).clamp_min(1)
+    return (correct.float() / total.float()).numpy()
+
+
+def accuracy_metrics(per_class: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """``test/acc`` (mean over classes = overall accuracy on a balanced test set) and shot groups;
+    a group with no class is not reported."""
+    metrics = {"test/acc": float(per_class.mean())}
+    for index, name in enumerate(SHOT_NAMES):
+        if bool((groups == index).any()):
+            metrics[f"test/acc_{name}"] = float(per_class[groups == index].mean())
+    return metrics
+
+
+def correlation_metrics(table: pd.DataFrame, accuracy: np.ndarray, prefix: str) -> dict[str, float]:
+    """Pearson and Spearman correlations across measured classes between accuracy and each measure,
+    and curvature imbalance (std/mean of class curvature). Undefined values are left out."""
+    measured = table[table["skipped"] == ""]
+    metrics: dict[str, float] = {}
+    curvature = measured[MEASURES["curvature"]].to_numpy(dtype=float)
+    if len(curvature) > 1 and curvature.mean() > 0:
+        metrics[f"{prefix}/curvature_imbalance"] = float(curvature.std() / curvature.mean())
+    acc = accuracy[measured["label"].to_numpy(dtype=int)]
+    for name, column in MEASURES.items():
+        values = measured[column].to_numpy(dtype=float)
+        if len(values) < 3 or np.ptp(values) == 0 or np.ptp(acc) == 0:
+            continue
+        metrics[f"{prefix}/corr_acc_{name}"] = float(stats.pearsonr(acc, values).statistic)
+        metrics[f"{prefix}/corr_acc_{name}_spearman"] = float(stats.spearmanr(acc, values).statistic)
+    return metrics
+
+
+def geometry_table(train: Predictions, test: Predictions, accuracy: np.ndarray, train_counts: np.ndarray,
+                   k: int, true_curvature: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per class: accuracy, training count, and the geometry of train and test features."""
+    train_geo = class_geometry(train.features, train.labels, k=k).set_index("label")
+    test_geo = class_geometry(test.features, test.labels, k=k).set_index("label")
+    table = pd.DataFrame({"label": np.arange(len(accuracy)), "accuracy": accuracy, "train_images": train_counts})
+    table = table.join(train_geo.add_prefix("train_"), on="label").join(test_geo.add_prefix("test_"), on="label")
+    if true_curvature is not None:
+        table["true_curvature"] = true_curvature
+    return table
+
+
+def split_geometry(table: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The ``train_`` or ``test_`` columns of a geometry table, renamed back to class_geometry's."""
+    columns = {f"{split}_{name}": name for name in ("count", "volume", "separation", "mean_angle", "mean_kappa",
+                                                      "median_angle", "median_kappa", "tangent_dim", "skipped")}
+    part = table[["label", *columns]].rename(columns=columns)
+    part["skipped"] = part["skipped"].fillna("class absent")
+    return part

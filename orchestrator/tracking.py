@@ -1,0 +1,133 @@
+"""MLflow tracking (SPEC §8): where runs go, one run per training run, metrics per epoch logged
+exactly once even across restarts, artifacts. Secrets in tracking URIs are never logged or printed."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from orchestrator.config import ExperimentConfig, flatten
+from orchestrator.errors import UserError
+
+#: Metric whose history tells which epochs a run has already logged.
+EPOCH_MARKER = "test/acc"
+_SECRET_QUERY = re.compile(r"(?i)((?:token|key|secret|password|pwd|sig)[^=&]*=)[^&]*")
+
+
+def redact(uri: str) -> str:
+    """``https://user:tok@host/?token=x`` -> ``https://***@host/?token=***``."""
+    uri = re.sub(r"//[^/@]+@", "//***@", uri)
+    return _SECRET_QUERY.sub(r"\1***", uri)
+
+
+def resolve_tracking_uri(configured: str) -> str:
+    """``mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``
+    (made absolute so that Ray workers in other directories write to the same store)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Stop before any training when the tracking server does not answer."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+                if response.status != 200:
+                    raise UserError(f"mlflow.tracking_uri: {redact(uri)} answered HTTP {response.status} on /health")
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserError(f"mlflow.tracking_uri: cannot reach the MLflow server at {redact(uri)} ({reason}); "
+                            f"start one with 'mlflow server --host 127.0.0.1 --port 5000' or fix the URI") from None
+    elif uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """Get or create the experiment; a local SQLite store keeps artifacts in ``mlartifacts/`` next to it."""
+    mlflow_client = client(uri)
+    existing = mlflow_client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def public_params(config: ExperimentConfig) -> dict[str, str]:
+    """Flattened config for MLflow params, with the tracking URI redacted."""
+    params = flatten(config.to_dict())
+    params["mlflow.tracking_uri"] = redact(params["mlflow.tracking_uri"])
+    return {key: str(value) for key, value in params.items()}
+
+
+def start_run(uri: str, config: ExperimentConfig, tags: dict[str, str] | None = None) -> str:
+    """Create the run for one training run and log its params; returns the run id."""
+    from mlflow.entities import Param, RunTag
+
+    mlflow_client = client(uri)
+    run = mlflow_client.create_run(experiment_id(uri, config.mlflow.experiment),
+                                   run_name=config.mlflow.run_name or None, tags=tags or {})
+    params = [Param(key, value[:6000]) for key, value in public_params(config).items()]
+    for start in range(0, len(params), 100):
+        mlflow_client.log_batch(run.info.run_id, params=params[start : start + 100],
+                                tags=[RunTag("curvlt.dataset", config.dataset.name)] if start == 0 else [])
+    return run.info.run_id
+
+
+def logged_epochs(uri: str, run_id: str) -> set[int]:
+    return {metric.step for metric in client(uri).get_metric_history(run_id, EPOCH_MARKER)}
+
+
+class RunLogger:
+    """Logs one epoch's metrics in one batch, and only epochs the run does not have yet: after a
+    restart from a checkpoint, re-run epochs are not logged twice."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self.done = logged_epochs(uri, run_id)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
+        from mlflow.entities import Metric
+
+        if epoch in self.done:
+            return False
+        now = int(time.time() * 1000)
+        # The epoch marker goes last so that a crash mid-batch leaves the epoch "not logged".
+        ordered = sorted(metrics.items(), key=lambda item: item[0] == EPOCH_MARKER)
+        batch = [Metric(key, float(value), now, epoch) for key, value in ordered]
+        for start in range(0, len(batch), 1000):
+            client(self.uri).log_batch(self.run_id, metrics=batch[start : start + 1000])
+        self.done.add(epoch)
+        return True
+
+    def log_table(self, table: pd.DataFrame, artifact_path: str, filename: str) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / filename
+            table.to_csv(path, index=False)
+            client(self.uri).log_artifact(self.run_id, str(path), artifact_path)
+
+
+def finish_run(uri: str, run_id: str, status: str, tags: dict[str, Any]) -> None:
+    mlflow_client = client(uri)
+    for key, value in tags.items():
+        mlflow_client.set_tag(run_id, key, str(value))
+    mlflow_client.set_terminated(run_id, status=status)

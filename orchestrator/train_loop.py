@@ -1,0 +1,148 @@
+"""The per-worker training function run by Ray Train (SPEC §4, §7, §8). Read top to bottom:
+build data, model, losses and CR; resume from the latest checkpoint; then per epoch train, evaluate,
+measure geometry, log to MLflow (rank 0) and report/checkpoint to Ray Train."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+
+from curvature.regularizer import CurvatureRegularizer
+from orchestrator.config import ExperimentConfig, config_from_dict
+from orchestrator.data import build_dataset
+from orchestrator.data.long_tail import per_class_subsample, shot_groups
+from orchestrator.evaluation import (accuracy_metrics, class_accuracy, correlation_metrics, geometry_table, predict,
+                                     split_geometry)
+from orchestrator.losses import create_loss
+from orchestrator.models import create_model
+from orchestrator.schedule import learning_rate
+from orchestrator.tracking import RunLogger
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def is_geometry_epoch(config: ExperimentConfig, epoch: int) -> bool:
+    every = config.eval.geometry_every
+    return every > 0 and ((epoch + 1) % every == 0 or epoch == config.train.epochs - 1)
+
+
+def _mean_across_workers(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    config = config_from_dict(payload["config"])
+    context = ray.train.get_context()
+    is_main = context.get_world_rank() == 0
+    world_size = context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.seed)  # identical initial weights on every worker
+
+    data = build_dataset(config.dataset, config.seed)
+    groups = shot_groups(data.class_counts, config.dataset.many_threshold, config.dataset.few_threshold)
+    model = create_model(config.model.name, data.input_shape, data.num_classes)
+    feature_dim = model.feature_dim
+    model = ray.train.torch.prepare_model(model)
+    base_loss = create_loss(config.loss, data.class_counts).to(device)
+    cr = CurvatureRegularizer(data.num_classes, feature_dim, weight=config.cr.weight,
+                              balance_weight=config.cr.balance_weight, k=config.cr.k, queue_size=config.cr.queue_size,
+                              start_epoch=config.cr.start_epoch, tangent_dim=config.cr.tangent_dim).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.train.lr, momentum=config.train.momentum,
+                                weight_decay=config.train.weight_decay)
+    per_worker_batch = max(1, config.train.batch_size // world_size)
+    train_loader = ray.train.torch.prepare_data_loader(
+        DataLoader(data.train, batch_size=per_worker_batch, shuffle=True,
+                   generator=torch.Generator().manual_seed(config.seed)))
+    test_loader = DataLoader(data.test, batch_size=512)
+    geometry_loader = DataLoader(Subset(data.train_plain, per_class_subsample(
+        data.train_labels, config.eval.geometry_max_points, config.seed).tolist()), batch_size=512)
+    use_amp = config.train.amp and device.type == "cuda"
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        cr.load_state_dict(state["cr"])
+        start_epoch = state["epoch"] + 1
+    logger = RunLogger(payload["tracking_uri"], payload["run_id"]) if is_main else None
+
+    steps_per_epoch = len(train_loader)
+    if config.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
+    for epoch in range(start_epoch, config.train.epochs):
+        base_loss.set_epoch(epoch)
+        if world_size > 1:
+            train_loader.sampler.set_epoch(epoch)
+        model.train()
+        sums = torch.zeros(4, device=device)  # total, base, cr, steps
+        for step, (images, labels) in enumerate(train_loader):
+            if step >= steps_per_epoch:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config.train, epoch + step / steps_per_epoch)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                features, logits = model(images)
+                loss_base = base_loss(logits, labels)
+            cr_result = cr(features, labels, epoch)
+            loss = loss_base + config.cr.weight * cr_result.loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += torch.stack([loss.detach(), loss_base.detach(), cr_result.loss.detach(),
+                                 torch.ones((), device=device)])
+        sums = _mean_across_workers(sums)
+        metrics = {"epoch": epoch, "train/loss": float(sums[0] / sums[3]), "train/base_loss": float(sums[1] / sums[3]),
+                   "train/cr_loss": float(sums[2] / sums[3]), "train/lr": learning_rate(config.train, epoch)}
+
+        if is_main:
+            test = predict(_unwrap(model), test_loader, device)
+            per_class = class_accuracy(test, data.num_classes)
+            metrics.update(accuracy_metrics(per_class, groups))
+            metrics.update({f"class_acc/{c:03d}": float(a) for c, a in enumerate(per_class)})
+            if is_geometry_epoch(config, epoch) and epoch not in logger.done:
+                train = predict(_unwrap(model), geometry_loader, device)
+                table = geometry_table(train, test, per_class, data.class_counts, config.eval.geometry_k,
+                                       data.true_curvature)
+                metrics.update(correlation_metrics(split_geometry(table, "train"), per_class, "geometry"))
+                metrics.update(correlation_metrics(split_geometry(table, "test"), per_class, "geometry_test"))
+                logger.log_table(table, "geometry", f"epoch_{epoch:03d}.csv")
+            if logger.log_epoch(epoch, {k: v for k, v in metrics.items() if k != "epoch"}):
+                shots = " ".join(f"{name} {100 * metrics[f'test/acc_{name}']:.1f}" for name in ("many", "medium", "few")
+                                 if f"test/acc_{name}" in metrics)
+                print(f"[curvlt] epoch {epoch + 1}/{config.train.epochs}  loss {metrics['train/loss']:.4f} "
+                      f"(base {metrics['train/base_loss']:.4f}, cr {metrics['train/cr_loss']:.4f})  "
+                      f"test acc {100 * metrics['test/acc']:.2f}%  [{shots}]", flush=True)
+
+        last = epoch == config.train.epochs - 1
+        if (epoch + 1) % config.checkpoint.every == 0 or last:
+            with tempfile.TemporaryDirectory() as folder:
+                if is_main:
+                    torch.save({"epoch": epoch, "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                                "cr": cr.state_dict(), "config": config.to_dict()}, Path(folder) / CHECKPOINT_FILE)
+                ray.train.report(_reportable(metrics),
+                                 checkpoint=ray.train.Checkpoint.from_directory(folder) if is_main else None)
+        else:
+            ray.train.report(_reportable(metrics))
+
+
+def _reportable(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train/Tune metrics: the headline numbers, not the per-class ones."""
+    return {k: v for k, v in metrics.items() if not k.startswith("class_acc/")}

@@ -1,0 +1,120 @@
+"""Driver side of one training run (SPEC §8): MLflow run first (so an unreachable server stops us
+before any training), then a Ray Train ``TorchTrainer`` with checkpointing and automatic restarts,
+then plots and a summary read back from MLflow."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from orchestrator.config import ExperimentConfig
+from orchestrator.plots import accuracy_vs_curvature, correlations_over_epochs
+from orchestrator.ray_env import ensure_ray
+from orchestrator.tracking import check_reachable, client, finish_run, resolve_tracking_uri, start_run
+from orchestrator.train_loop import train_loop_per_worker
+
+
+@dataclass
+class TrainingOutcome:
+    run_id: str
+    tracking_uri: str
+    checkpoint_path: str | None
+    final_metrics: dict[str, float]
+
+
+def run_storage(config: ExperimentConfig) -> str:
+    return str(Path(config.checkpoint.storage_path or "curvlt_runs").expanduser().resolve())
+
+
+def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> TrainingOutcome:
+    """Train one configuration end to end; the MLflow run ends FINISHED or FAILED."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    uri = resolve_tracking_uri(config.mlflow.tracking_uri)
+    check_reachable(uri)
+    run_id = start_run(uri, config, tags)
+    ensure_ray()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "run_id": run_id, "tracking_uri": uri},
+        scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+                                     resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
+        run_config=RunConfig(name=f"curvlt-{run_id}", storage_path=run_storage(config),
+                             failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep)),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        finish_run(uri, run_id, "FAILED" if not _interrupted() else "KILLED", {})
+        raise
+    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    log_plots(uri, run_id, config)
+    finish_run(uri, run_id, "FINISHED", {"curvlt.checkpoint": checkpoint_path or "none"})
+    return TrainingOutcome(run_id, uri, checkpoint_path, latest_metrics(uri, run_id))
+
+
+def _interrupted() -> bool:
+    import sys
+
+    return isinstance(sys.exc_info()[1], KeyboardInterrupt)
+
+
+def latest_metrics(uri: str, run_id: str) -> dict[str, float]:
+    return dict(client(uri).get_run(run_id).data.metrics)
+
+
+def metric_history(uri: str, run_id: str, keys: list[str]) -> pd.DataFrame:
+    """Epoch-indexed frame of the given metrics."""
+    mlflow_client = client(uri)
+    columns = {key: pd.Series({m.step: m.value for m in mlflow_client.get_metric_history(run_id, key)}, dtype=float)
+               for key in keys}
+    return pd.DataFrame(columns).sort_index()
+
+
+def last_geometry_table(uri: str, run_id: str) -> pd.DataFrame | None:
+    import mlflow.artifacts
+
+    files = sorted(a.path for a in client(uri).list_artifacts(run_id, "geometry"))
+    if not files:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=files[-1], dst_path=folder,
+                                                    tracking_uri=uri)
+        return pd.read_csv(local, keep_default_na=True)
+
+
+def log_plots(uri: str, run_id: str, config: ExperimentConfig) -> None:
+    """Accuracy-vs-curvature scatter (last geometry epoch) and correlations over epochs."""
+    table = last_geometry_table(uri, run_id)
+    if table is None:
+        return
+    title = f"{config.dataset.name} / {config.loss.name} / CR weight {config.cr.weight}"
+    history = metric_history(uri, run_id, ["geometry/corr_acc_curvature", "geometry/corr_acc_separation",
+                                           "geometry/corr_acc_volume"])
+    with tempfile.TemporaryDirectory() as folder:
+        paths = [accuracy_vs_curvature(table, Path(folder) / "accuracy_vs_curvature.png", title),
+                 correlations_over_epochs(history, Path(folder) / "correlations_over_epochs.png", title)]
+        for path in paths:
+            client(uri).log_artifact(run_id, str(path), "plots")
+
+
+def summary_table(outcome: TrainingOutcome) -> str:
+    """Headline metrics and the last per-class table, as text."""
+    metrics = outcome.final_metrics
+    keys = ["test/acc", "test/acc_many", "test/acc_medium", "test/acc_few", "train/loss", "train/base_loss",
+            "train/cr_loss", "geometry/curvature_imbalance", "geometry/corr_acc_curvature",
+            "geometry/corr_acc_separation", "geometry/corr_acc_volume"]
+    lines = [f"run {outcome.run_id}  (MLflow: {outcome.tracking_uri.split('@')[-1]})"]
+    lines += [f"  {key:34s} {metrics[key]:.4f}" for key in keys if key in metrics]
+    table = last_geometry_table(outcome.tracking_uri, outcome.run_id)
+    if table is not None:
+        columns = [c for c in ("label", "train_images", "accuracy", "train_mean_angle", "train_mean_kappa",
+                               "train_separation", "train_volume", "true_curvature") if c in table]
+        lines.append(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    lines.append(f"  checkpoint: {outcome.checkpoint_path}")
+    return "\n".join(lines)
