@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 #: Batches smaller than this are not worth splitting across threads.
-_MIN_PARALLEL_BATCH = 512
+_MIN_PARALLEL_BATCH = 128
 _POOL: ThreadPoolExecutor | None = None
 
 

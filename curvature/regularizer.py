@@ -100,17 +100,20 @@ class CurvatureRegularizer(nn.Module):
         if not self.active:
             return result
         with torch.autocast(device_type=features.device.type, enabled=False):
+            # Until a class has k + 1 points the loss is a zero that is still attached to the
+            # features, so ``result.loss.backward()`` works on its own from the first step.
+            result.loss = features.float().sum() * 0.0
             if epoch >= self.start_epoch:
-                result = self._loss(features.float(), labels)
+                result = self._loss(features.float(), labels, result)
             self.queue.enqueue(features, labels)
         return result
 
-    def _loss(self, features: torch.Tensor, labels: torch.Tensor) -> CRResult:
+    def _loss(self, features: torch.Tensor, labels: torch.Tensor, unmeasured: CRResult) -> CRResult:
         clouds, valid, classes = _class_clouds(features, labels, self.queue, self.k + 1)
+        if classes.numel() == 0:
+            return unmeasured
         measured = torch.zeros(self.num_classes, dtype=torch.bool, device=features.device)
         curvature = features.new_zeros(self.num_classes)
-        if classes.numel() == 0:
-            return CRResult(features.new_zeros(()), curvature, measured, 0)
         width = clouds.shape[1]
         slots = _neighbours_within_class(clouds, valid, self.k)  # (C', M, k)
         # Flatten the valid slots of all classes into one cloud with global neighbour indices.

@@ -31,7 +31,7 @@ def run_storage(config: ExperimentConfig) -> str:
 
 def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> TrainingOutcome:
     """Train one configuration end to end; the MLflow run ends FINISHED or FAILED."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     uri = resolve_tracking_uri(config.mlflow.tracking_uri)
@@ -45,7 +45,10 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> Train
                                      resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
         run_config=RunConfig(name=f"curvlt-{run_id}", storage_path=run_storage(config),
                              failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+                             # Our own progress lines are enough; Ray Train's per-report INFO lines and
+                             # its once-a-second warnings when the dashboard (state API) is off are not.
+                             logging_config=LoggingConfig(log_level="ERROR")),
     )
     try:
         result = trainer.fit()

@@ -1,0 +1,113 @@
+"""Training-step benchmark (issue "Curvature-regularized training"): base loss vs base + CR, same
+model, batch and data, timed side by side in one process, plus the feature queue's memory.
+
+    python benchmarks/training.py                 # CPU rows for the digits and Fashion-MNIST configs
+    python benchmarks/training.py --steps 30      # more timed steps
+
+On a CUDA machine it adds the GPU row: ResNet-32, batch 128, CIFAR-100-shaped data, 100 classes,
+Q = 128, k = 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from _machine import describe
+from curvature.regularizer import CurvatureRegularizer
+from orchestrator.config import CRConfig, load_config
+from orchestrator.data import build_dataset
+from orchestrator.losses import create_loss
+from orchestrator.models import create_model
+
+
+def timed_steps(model, loss_fn, cr, batches, weight: float, device: torch.device, amp: bool) -> list[float]:
+    """Wall time of each optimizer step (forward, losses, backward, update)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    times = []
+    for images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            features, logits = model(images)
+            loss = loss_fn(logits, labels)
+        if weight > 0:
+            loss = loss + weight * cr(features, labels, epoch=10**6).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def compare(name: str, model, loss_fn, cr_config: CRConfig, num_classes: int, batches, device, amp: bool) -> None:
+    cr = CurvatureRegularizer(num_classes, model.feature_dim, weight=1.0, k=cr_config.k,
+                              queue_size=cr_config.queue_size, tangent_dim=cr_config.tangent_dim).to(device)
+    # Fill every queue first, so the timed steps see full class clouds as in steady-state training.
+    with torch.no_grad():
+        while int(cr.queue.count.min()) < cr_config.queue_size:
+            for images, labels in batches:
+                cr.queue.enqueue(model(images.to(device))[0], labels.to(device))
+    warmup = 3
+    base, with_cr = [], []
+    for _ in range(2):  # interleave so that drift in machine load hits both alike
+        base += timed_steps(model, loss_fn, cr, batches, 0.0, device, amp)[warmup:]
+        with_cr += timed_steps(model, loss_fn, cr, batches, 1.0, device, amp)[warmup:]
+    t_base, t_cr = statistics.median(base), statistics.median(with_cr)
+    queue_mb = cr.queue.queue.numel() * cr.queue.queue.element_size() / 2**20
+    dim = cr(model(batches[0][0].to(device))[0], batches[0][1].to(device), epoch=10**6).tangent_dim
+    print(f"| {name} | {device.type} | {num_classes} | {len(batches[0][1])} | {cr_config.queue_size} | {cr_config.k} | "
+          f"{dim} | {t_base * 1e3:.1f} | {t_cr * 1e3:.1f} | {t_cr / t_base:.2f} | {queue_mb:.2f} |")
+
+
+def config_row(config_name: str, steps: int) -> None:
+    config = load_config(config_name)
+    data = build_dataset(config.dataset, config.seed)
+    torch.manual_seed(0)
+    model = create_model(config.model.name, data.input_shape, data.num_classes)
+    loss_fn = create_loss(config.loss, data.class_counts)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=config.train.batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0), drop_last=True)
+    batches = [batch for _, batch in zip(range(steps), loader)]
+    compare(f"{config_name} ({config.model.name})", model, loss_fn, config.cr, data.num_classes, batches,
+            torch.device("cpu"), amp=False)
+
+
+def gpu_row(steps: int) -> None:
+    if not torch.cuda.is_available():
+        print("\nGPU row: not run, no CUDA device on this machine")
+        return
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = create_model("resnet32", (3, 32, 32), 100).to(device)
+    counts = np.maximum((500 * 100.0 ** (-np.arange(100) / 99)).astype(int), 1)
+    loss_fn = create_loss(load_config("cifar100_lt").loss, counts).to(device)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(128, 3, 32, 32, generator=generator), torch.randint(0, 100, (128,), generator=generator))
+               for _ in range(steps)]
+    compare("resnet32, CIFAR-100-shaped", model, loss_fn, CRConfig(queue_size=128, k=10), 100, batches, device, amp=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per pass (two passes each)")
+    args = parser.parse_args()
+    print(describe())
+    print("\n| config (model) | device | classes | batch | Q | k | tangent dim | base step (ms) | base + CR (ms) | "
+          "ratio | queue (MiB) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in ("digits_lt", "fashion_mnist_lt"):
+        config_row(name, args.steps)
+    gpu_row(args.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Strict experiment config (issue: training, item 1)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.config import CONFIG_DIR, flatten, load_config
+from orchestrator.errors import UserError
+
+BUNDLED = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_all_expected_configs_are_bundled():
+    assert {"digits_lt", "fashion_mnist_lt", "synthetic_manifolds", "cifar10_lt", "cifar100_lt", "imagenet_lt",
+            "inat2018"} <= set(BUNDLED)
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_config_loads(name):
+    config = load_config(name)
+    assert config.dataset.name == name or name.startswith(config.dataset.name.split("_")[0])
+
+
+def test_paper_protocol_for_cifar():
+    config = load_config("cifar100_lt")
+    assert (config.model.name, config.train.epochs, config.train.batch_size, config.train.lr) == ("resnet32", 200, 128, 0.1)
+    assert config.train.schedule == "step" and config.train.warmup_epochs == 5 and config.train.milestones == [160, 180]
+
+
+def test_overrides_are_typed(tmp_path):
+    config = load_config("digits_lt", ["cr.weight=0.5", "train.epochs=3", "cr.tangent_dim=2", "train.amp=false",
+                                       "train.milestones=[2, 3]", "mlflow.run_name=x y"])
+    assert config.cr.weight == 0.5 and config.train.epochs == 3 and config.cr.tangent_dim == 2
+    assert config.train.amp is False and config.train.milestones == [2, 3] and config.mlflow.run_name == "x y"
+    path = tmp_path / "mine.yaml"
+    path.write_text("dataset: {name: synthetic_manifolds}\ntrain: {epochs: 2}\n")
+    assert load_config(str(path)).train.epochs == 2
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lrr=0.1", "train.lrr: unknown key; allowed here: epochs"),
+    ("bogus=1", "bogus: unknown key"),
+    ("train.epochs=three", "train.epochs: must be an integer, got 'three'"),
+    ("train.epochs=2.5", "train.epochs: must be an integer"),
+    ("train.epochs=0", "train.epochs: must be > 0, got 0"),
+    ("cr.weight=-1", "cr.weight: must be >= 0"),
+    ("cr.tangent_dim=many", "cr.tangent_dim: must be an integer or 'auto'"),
+    ("train.schedule=linear", "train.schedule: must be 'step' or 'cosine' or 'constant'"),
+    ("train.amp=maybe", "train.amp: must be true or false"),
+    ("dataset.imbalance_factor=0.5", "dataset.imbalance_factor: must be >= 1"),
+    ("train.momentum=1.5", "train.momentum: must be in [0, 1)"),
+    ("train=3", "train: must be a mapping"),
+    ("noequals", "expected key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(UserError) as info:
+        load_config("digits_lt", [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_config_name_lists_bundled():
+    with pytest.raises(UserError, match="bundled: cifar100_lt"):
+        load_config("nope")
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": [1]}}, "e": 2}) == {"a.b": 1, "a.c.d": [1], "e": 2}

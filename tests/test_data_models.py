@@ -1,0 +1,74 @@
+"""Every registered dataset and model (the registries are the test matrix)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.config import DatasetConfig, SyntheticConfig
+from orchestrator.data import DATASETS, build_dataset
+from orchestrator.errors import UserError
+from orchestrator.models import MODELS, create_model
+
+LOCAL = {"digits_lt": (10, (1, 8, 8)), "fashion_mnist_lt": (10, (1, 28, 28)), "synthetic_manifolds": (8, (16,))}
+NEEDS_FILES = ["cifar10_lt", "cifar100_lt", "imagenet_lt", "inat2018"]
+
+
+def test_registry_lists_every_dataset():
+    assert set(DATASETS.names()) == set(LOCAL) | set(NEEDS_FILES)
+
+
+@pytest.mark.parametrize("name", sorted(LOCAL))
+def test_local_datasets_are_long_tailed_with_balanced_test(name):
+    bundle = build_dataset(DatasetConfig(name=name, imbalance_factor=10), seed=0)
+    classes, shape = LOCAL[name]
+    assert bundle.num_classes == classes and bundle.input_shape == shape
+    counts = bundle.class_counts
+    assert counts[0] == counts.max() and counts[0] / counts[-1] == pytest.approx(10, rel=0.1)
+    test_counts = np.bincount(bundle.test.labels.numpy())
+    assert len(set(test_counts.tolist())) == 1
+    image, label = bundle.train[0]
+    assert tuple(image.shape) == shape and int(label) in range(classes)
+
+
+def test_fashion_mnist_reads_the_debian_package():
+    bundle = build_dataset(DatasetConfig(name="fashion_mnist_lt", imbalance_factor=100), seed=0)
+    assert bundle.class_counts[0] == 6000 and bundle.class_counts[-1] == 60
+    assert len(bundle.test) == 10000
+
+
+def test_synthetic_manifolds_know_their_curvature():
+    config = DatasetConfig(name="synthetic_manifolds", synthetic=SyntheticConfig(num_classes=4, radius_min=1, radius_max=2))
+    bundle = build_dataset(config, seed=0)
+    assert bundle.true_curvature.tolist() == pytest.approx([2.0, 2 ** (4 / 3), 2 ** (5 / 3), 4.0])  # 1/r after scaling by 1/(2 r_max)
+
+
+@pytest.mark.parametrize("name", NEEDS_FILES)
+def test_missing_dataset_says_where_it_looked(name, tmp_path):
+    with pytest.raises(UserError) as info:
+        build_dataset(DatasetConfig(name=name, root=str(tmp_path), download=False), seed=0)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_unknown_dataset_lists_choices():
+    with pytest.raises(UserError, match="choose one of cifar100_lt"):
+        build_dataset(DatasetConfig(name="mnist"), seed=0)
+
+
+SHAPES = {"mlp": (1, 8, 8), "small_cnn": (1, 28, 28), "resnet32": (3, 32, 32), "resnet50": (3, 64, 64),
+          "resnext50": (3, 64, 64)}
+
+
+def test_registry_lists_every_model():
+    assert set(MODELS.names()) == set(SHAPES)
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_models_return_features_and_logits(name):
+    torch.manual_seed(0)
+    model = create_model(name, SHAPES[name], num_classes=7).eval()
+    features, logits = model(torch.randn(2, *SHAPES[name]))
+    assert features.shape == (2, model.feature_dim) and logits.shape == (2, 7)
+    assert torch.equal(model.forward_head(model.forward_features(torch.zeros(1, *SHAPES[name]))),
+                       model(torch.zeros(1, *SHAPES[name]))[1])

@@ -1,0 +1,138 @@
+"""Per-class feature queue and curvature regularization (SPEC §4)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from curvature import manifolds, tangent_rotation
+from curvature.queue import ClassFeatureQueue
+from curvature.regularizer import CurvatureRegularizer
+
+
+def test_queue_is_fifo_per_class_with_wraparound():
+    queue = ClassFeatureQueue(num_classes=2, feature_dim=1, queue_size=3)
+    queue.enqueue(torch.tensor([[1.0], [2.0], [10.0]]), torch.tensor([0, 0, 1]))
+    assert queue.count.tolist() == [2, 1] and queue.ptr.tolist() == [2, 1]
+    queue.enqueue(torch.tensor([[3.0], [4.0], [5.0]]), torch.tensor([0, 0, 0]))  # class 0 wraps
+    assert queue.queue[0, :, 0].tolist() == [4.0, 5.0, 3.0]  # 1 and 2 (oldest) overwritten
+    assert queue.count.tolist() == [3, 1] and queue.ptr.tolist() == [2, 1]
+    queue.enqueue(torch.arange(7.0)[:, None] + 100, torch.ones(7, dtype=torch.long))  # more than Q at once
+    assert sorted(queue.queue[1, :, 0].tolist()) == [104.0, 105.0, 106.0]
+    assert queue.filled().tolist() == [[True] * 3, [True] * 3]
+
+
+def test_queue_survives_a_checkpoint_round_trip(tmp_path):
+    cr = CurvatureRegularizer(3, 4, weight=1.0, queue_size=5)
+    cr(torch.randn(12, 4), torch.tensor([0, 1, 2] * 4), epoch=0)
+    torch.save(cr.state_dict(), tmp_path / "cr.pt")
+    restored = CurvatureRegularizer(3, 4, weight=1.0, queue_size=5)
+    restored.load_state_dict(torch.load(tmp_path / "cr.pt"))
+    for name in ("queue.queue", "queue.ptr", "queue.count"):
+        assert torch.equal(restored.state_dict()[name], cr.state_dict()[name])
+
+
+def test_bad_labels_are_refused():
+    queue = ClassFeatureQueue(2, 3, 4)
+    with pytest.raises(ValueError, match="labels"):
+        queue.enqueue(torch.zeros(1, 3), torch.tensor([2]))
+
+
+def test_loss_matches_its_definition(rng):
+    """One class on a known sphere: L_CR = -log(1 - g + eps), g = a / (sqrt(d) pi/2)."""
+    points = torch.tensor(manifolds.sphere(200, 2, 1.0, 6, rng), dtype=torch.float32)
+    cr = CurvatureRegularizer(1, 6, weight=1.0, k=10, queue_size=8, tangent_dim=2)
+    result = cr(points, torch.zeros(200, dtype=torch.long), epoch=0)
+    expected_angle = float(tangent_rotation(points, k=10, tangent_dim=2).mean_angle)
+    g = expected_angle / (math.sqrt(2) * math.pi / 2)
+    assert float(result.class_curvature[0]) == pytest.approx(g, rel=1e-4)
+    assert float(result.loss) == pytest.approx(-math.log(1 - g + 1e-6), rel=1e-4)
+
+
+def test_balance_term_and_flatter_is_lower(rng):
+    flat = manifolds.plane(150, 2, 6, rng)
+    curved = manifolds.sphere(150, 2, 0.3, 6, rng)
+    labels = torch.repeat_interleave(torch.arange(2), 150)
+    features = torch.tensor(np.concatenate([flat, curved]), dtype=torch.float32)
+    plain = CurvatureRegularizer(2, 6, weight=1.0, tangent_dim=2, queue_size=4)(features, labels, 0)
+    balanced = CurvatureRegularizer(2, 6, weight=1.0, tangent_dim=2, queue_size=4, balance_weight=1.0)(features, labels, 0)
+    g = plain.class_curvature
+    assert float(g[0]) < float(g[1])
+    assert float(balanced.loss) == pytest.approx(float(plain.loss) + float(g.std(unbiased=False)), rel=1e-5)
+
+
+def test_finite_loss_and_gradients_with_tiny_and_degenerate_classes():
+    torch.manual_seed(0)
+    cr = CurvatureRegularizer(5, 8, weight=1.0, k=5, queue_size=16)
+    for step in range(6):
+        features = torch.randn(20, 8)
+        features[:4] = features[0]  # duplicates
+        features = features.requires_grad_(True)
+        labels = torch.tensor([0] * 12 + [1] * 6 + [2] + [3])  # class 4 never appears, 2 and 3 tiny
+        result = cr(features, labels, epoch=0)
+        result.loss.backward()
+        assert torch.isfinite(result.loss) and torch.isfinite(features.grad).all()
+    assert result.measured.tolist() == [True, True, True, True, False]  # 2 and 3 filled up via the queue
+
+
+def test_start_epoch_delays_loss_but_fills_queue():
+    cr = CurvatureRegularizer(2, 4, weight=1.0, start_epoch=3, queue_size=8)
+    features = torch.randn(16, 4, requires_grad=True)
+    result = cr(features, torch.tensor([0, 1] * 8), epoch=2)
+    assert float(result.loss) == 0.0 and result.tangent_dim == 0
+    result.loss.backward()  # attached, so a lone backward works, with zero gradient
+    assert float(features.grad.abs().sum()) == 0.0
+    assert cr.queue.count.tolist() == [8, 8]
+
+
+def test_zero_weight_does_no_work(monkeypatch):
+    import curvature.regularizer as module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("curvature work at weight 0")
+
+    monkeypatch.setattr(module, "pointwise_curvature", forbidden)
+    monkeypatch.setattr(module, "local_spectra", forbidden)
+    cr = CurvatureRegularizer(2, 4, weight=0.0)
+    features = torch.randn(16, 4, requires_grad=True)
+    result = cr(features, torch.tensor([0, 1] * 8), epoch=5)
+    assert float(result.loss) == 0.0 and result.loss.grad_fn is None
+    assert cr.queue.count.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("bad", [{"weight": -1.0}, {"k": 1}, {"tangent_dim": 0}, {"eps": 2.0}])
+def test_bad_hyperparameters(bad):
+    with pytest.raises(ValueError, match="cr\\."):
+        CurvatureRegularizer(3, 4, **bad)
+
+
+def _worker(rank: int, world: int, port: int, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(100 + rank)  # different local batches on each worker
+    cr = CurvatureRegularizer(4, 6, weight=1.0, k=5, queue_size=12)
+    for step in range(5):
+        size = 10 + rank * 3  # ragged batch sizes across workers
+        features = torch.randn(size, 6, requires_grad=True)
+        cr(features, torch.randint(0, 4, (size,)), epoch=0).loss.backward()
+    out[rank] = {name: tensor.clone() for name, tensor in cr.state_dict().items()}
+    dist.destroy_process_group()
+
+
+def test_two_workers_hold_identical_queues():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    assert set(out.keys()) == {0, 1}
+    for name, tensor in out[0].items():
+        assert torch.equal(tensor, out[1][name]), name
+    assert int(out[0]["queue.count"].sum()) == 4 * 12
