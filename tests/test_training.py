@@ -1,0 +1,115 @@
+"""End-to-end training on a real local Ray, logging to a real MLflow server (issue: training)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import free_port
+from orchestrator.tracking import redact
+
+CURVLT = shutil.which("curvlt") or str(Path(sys.executable).with_name("curvlt"))
+EXPECTED_METRICS = ["train/loss", "train/base_loss", "train/cr_loss", "test/acc", "test/acc_many", "test/acc_medium",
+                    "test/acc_few", "geometry/curvature_imbalance", "geometry/corr_acc_curvature",
+                    "geometry/corr_acc_separation", "geometry/corr_acc_volume",
+                    "geometry/corr_acc_curvature_spearman", "geometry/corr_acc_separation_spearman",
+                    "geometry/corr_acc_volume_spearman"]
+
+
+def curvlt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([CURVLT, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def only_run(server: str, experiment: str):
+    client = MlflowClient(server)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    found = []
+    for entry in client.list_artifacts(run_id, path):
+        found += artifact_paths(client, run_id, entry.path) if entry.is_dir else [entry.path]
+    return found
+
+
+def test_two_worker_digits_run_logs_everything(mlflow_server, tmp_path):
+    result = curvlt("train", "digits_lt", "--set", "train.epochs=3", "--set", "cr.weight=0.5", "--set",
+                    "cr.start_epoch=0", "--set", "scaling.num_workers=2", "--set", "eval.geometry_every=1",
+                    "--set", f"mlflow.tracking_uri={mlflow_server}", "--set", "mlflow.experiment=two-workers",
+                    cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epoch 3/3" in result.stdout + result.stderr and "test/acc" in result.stdout
+    client, run = only_run(mlflow_server, "two-workers")
+    assert run.info.status == "FINISHED"
+    for key in EXPECTED_METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2], key
+    assert run.data.params["cr.weight"] == "0.5" and run.data.params["scaling.num_workers"] == "2"
+    assert float(run.data.metrics["train/cr_loss"]) > 0
+    paths = artifact_paths(client, run.info.run_id)
+    assert {"geometry/epoch_000.csv", "geometry/epoch_001.csv", "geometry/epoch_002.csv",
+            "plots/accuracy_vs_curvature.png", "plots/correlations_over_epochs.png"} <= set(paths)
+    assert Path(run.data.tags["curvlt.checkpoint"]).is_dir()
+
+
+def test_unreachable_tracking_server_stops_before_training(tmp_path):
+    start = time.time()
+    result = curvlt("train", "digits_lt", "--set", f"mlflow.tracking_uri=http://user:secret@127.0.0.1:{free_port()}",
+                    cwd=tmp_path)
+    assert result.returncode == 2
+    assert "cannot reach the MLflow server" in result.stderr and "secret" not in result.stderr
+    assert "epoch" not in result.stdout and time.time() - start < 60
+
+
+def test_redact_hides_credentials():
+    assert redact("https://alice:tok123@host:5000/x?token=abc&x=1") == "https://***@host:5000/x?token=***&x=1"
+
+
+def _train_workers(root: psutil.Process) -> list[psutil.Process]:
+    workers = []
+    for child in root.children(recursive=True):
+        try:
+            if child.cmdline() and child.cmdline()[0].startswith("ray::RayTrainWorker"):
+                workers.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return workers
+
+
+def test_killed_worker_resumes_from_checkpoint_and_logs_each_epoch_once(mlflow_server, tmp_path):
+    epochs = 8
+    process = subprocess.Popen(
+        [CURVLT, "train", "digits_lt", "--set", f"train.epochs={epochs}", "--set", "train.batch_size=8",
+         "--set", "cr.weight=0.2", "--set", "cr.start_epoch=0", "--set", "checkpoint.every=1",
+         "--set", "eval.geometry_every=2", "--set", f"mlflow.tracking_uri={mlflow_server}",
+         "--set", "mlflow.experiment=kill-resume"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root = psutil.Process(process.pid)
+    client = MlflowClient(mlflow_server)
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and process.poll() is None:
+        experiment = client.get_experiment_by_name("kill-resume")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        done = len(client.get_metric_history(runs[0].info.run_id, "test/acc")) if runs else 0
+        workers = _train_workers(root)
+        if done >= 2 and workers:
+            killed = workers[0].pid
+            workers[0].kill()  # SIGKILL: the worker dies mid-epoch, no chance to clean up
+        time.sleep(0.2)
+    output, _ = process.communicate(timeout=600)
+    assert killed is not None, "the run ended before a worker could be killed:\n" + output[-3000:]
+    assert process.returncode == 0, output[-3000:]
+    _, run = only_run(mlflow_server, "kill-resume")
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "test/acc")]
+    assert sorted(steps) == list(range(epochs)), steps  # every epoch once: none lost, none repeated
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == steps
