@@ -100,7 +100,8 @@ class EvalConfig:
 class ScalingConfig:
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # when use_gpu; fractions share a GPU between trials
 
 
 @dataclass
@@ -173,6 +174,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eval.geometry_k": (lambda v: v >= 3, ">= 3"),
     "scaling.num_workers": _POSITIVE,
     "scaling.cpus_per_worker": _POSITIVE,
+    "scaling.gpus_per_worker": _POSITIVE,
     "checkpoint.every": _POSITIVE,
     "checkpoint.keep": _POSITIVE,
     "checkpoint.max_failures": (lambda v: v >= -1, ">= -1 (-1 = unlimited)"),

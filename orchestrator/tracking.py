@@ -17,6 +17,8 @@ import pandas as pd
 from orchestrator.config import ExperimentConfig, flatten
 from orchestrator.errors import UserError
 
+#: Tag holding the stable key of a run that may be resumed (a sweep trial: "<sweep>/<trial id>").
+RUN_KEY_TAG = "curvlt.run_key"
 #: Metric whose history tells which epochs a run has already logged.
 EPOCH_MARKER = "test/acc"
 _SECRET_QUERY = re.compile(r"(?i)((?:token|key|secret|password|pwd|sig)[^=&]*=)[^&]*")
@@ -91,6 +93,16 @@ def start_run(uri: str, config: ExperimentConfig, tags: dict[str, str] | None = 
         mlflow_client.log_batch(run.info.run_id, params=params[start : start + 100],
                                 tags=[RunTag("curvlt.dataset", config.dataset.name)] if start == 0 else [])
     return run.info.run_id
+
+
+def find_run(uri: str, experiment: str, run_key: str):
+    """The newest run of ``experiment`` tagged with ``run_key``, or None."""
+    found = client(uri).get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client(uri).search_runs([found.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
 
 
 def logged_epochs(uri: str, run_id: str) -> set[int]:

@@ -13,7 +13,8 @@ import pandas as pd
 from orchestrator.config import ExperimentConfig
 from orchestrator.plots import accuracy_vs_curvature, correlations_over_epochs
 from orchestrator.ray_env import ensure_ray
-from orchestrator.tracking import check_reachable, client, finish_run, resolve_tracking_uri, start_run
+from orchestrator.tracking import (RUN_KEY_TAG, check_reachable, client, find_run, finish_run, resolve_tracking_uri,
+                                   start_run)
 from orchestrator.train_loop import train_loop_per_worker
 
 
@@ -23,27 +24,45 @@ class TrainingOutcome:
     tracking_uri: str
     checkpoint_path: str | None
     final_metrics: dict[str, float]
+    trained: bool = True  # False: the run had already finished (a resumed sweep's done trial)
 
 
 def run_storage(config: ExperimentConfig) -> str:
     return str(Path(config.checkpoint.storage_path or "curvlt_runs").expanduser().resolve())
 
 
-def train(config: ExperimentConfig, tags: dict[str, str] | None = None) -> TrainingOutcome:
-    """Train one configuration end to end; the MLflow run ends FINISHED or FAILED."""
+def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key: str | None = None,
+          callbacks: list | None = None) -> TrainingOutcome:
+    """Train one configuration end to end; the MLflow run ends FINISHED or FAILED.
+
+    ``run_key`` names a run that may already exist (a sweep trial being resumed): its MLflow run is
+    reused — or, if it already FINISHED, returned without training — and its Ray Train run of the
+    same name resumes from its latest checkpoint. ``callbacks`` go to Ray Train (e.g. Tune's).
+    """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     uri = resolve_tracking_uri(config.mlflow.tracking_uri)
     check_reachable(uri)
-    run_id = start_run(uri, config, tags)
+    existing = find_run(uri, config.mlflow.experiment, run_key) if run_key else None
+    if existing is not None and existing.info.status == "FINISHED":
+        return TrainingOutcome(existing.info.run_id, uri, existing.data.tags.get("curvlt.checkpoint"),
+                               dict(existing.data.metrics), trained=False)
+    if existing is not None:
+        run_id = existing.info.run_id
+        client(uri).update_run(run_id, status="RUNNING")
+    else:
+        run_id = start_run(uri, config, {**(tags or {}), **({RUN_KEY_TAG: run_key} if run_key else {})})
     ensure_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "run_id": run_id, "tracking_uri": uri},
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
-                                     resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
-        run_config=RunConfig(name=f"curvlt-{run_id}", storage_path=run_storage(config),
+                                     resources_per_worker={"CPU": config.scaling.cpus_per_worker,
+                                                           **({"GPU": config.scaling.gpus_per_worker}
+                                                              if config.scaling.use_gpu else {})}),
+        run_config=RunConfig(name=f"curvlt-{run_key or run_id}", storage_path=run_storage(config),
+                             callbacks=callbacks or [],
                              failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
                              # Our own progress lines are enough; Ray Train's per-report INFO lines and

@@ -1,0 +1,172 @@
+"""Sweep definitions in ``search_spaces/*.yaml`` (SPEC §8): a base config, fixed overrides, a
+parameter space over any config key, the Tune settings and the MLflow experiment. Everything is
+validated — every grid value and distribution bound is applied to the base config — before
+anything starts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import (ExperimentConfig, apply_overrides, config_from_dict, load_yaml, resolve_config_path)
+from orchestrator.errors import UserError
+
+SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+TOP_LEVEL = ("base", "experiment", "fixed", "param_space", "tune")
+TUNE_KEYS = ("metric", "mode", "scheduler", "num_samples", "max_concurrent_trials", "resources_per_trial")
+
+
+@dataclass
+class Scheduler:
+    name: str = "fifo"  # fifo | asha
+    max_t: int = 0  # asha: epochs at most (0 = the config's train.epochs)
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    base: str | list[str]
+    experiment: str
+    fixed: dict[str, Any]
+    params: dict[str, dict[str, Any]]  # key -> {distribution: args}
+    metric: str = "test/acc"
+    mode: str = "max"
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    num_samples: int = 1
+    max_concurrent_trials: int = 0  # 0 = as many as resources allow
+    cpu_per_trial: float = 1.0
+    gpu_per_trial: float = 0.0
+
+
+def resolve_space_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"{path}: no such search space file")
+        return path
+    bundled = SPACE_DIR / f"{name_or_path}.yaml"
+    if not bundled.is_file():
+        names = ", ".join(sorted(p.stem for p in SPACE_DIR.glob("*.yaml")))
+        raise UserError(f"{name_or_path}: not a search space file nor a shipped one; shipped: {names}")
+    return bundled
+
+
+def _check_distribution(key: str, spec: Any) -> None:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise UserError(f"param_space.{key}: must be one of {{grid|choice: [values]}}, {{uniform|loguniform: [low, high]}}"
+                        f" or {{randint: [low, high]}}, got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if kind in ("grid", "choice"):
+        if not isinstance(args, list) or not args:
+            raise UserError(f"param_space.{key}.{kind}: must be a non-empty list of values")
+        return
+    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                                              for a in args) and args[0] < args[1]):
+        raise UserError(f"param_space.{key}.{kind}: must be [low, high] numbers with low < high, got {args!r}")
+    if kind == "loguniform" and args[0] <= 0:
+        raise UserError(f"param_space.{key}.loguniform: bounds must be > 0, got {args!r}")
+    if kind == "randint" and not all(isinstance(a, int) for a in args):
+        raise UserError(f"param_space.{key}.randint: bounds must be integers, got {args!r}")
+
+
+def _candidate_values(spec: dict[str, Any]) -> list[Any]:
+    kind, args = next(iter(spec.items()))
+    if kind in ("grid", "choice"):
+        return list(args)
+    if kind == "randint":
+        return [args[0], args[1] - 1]
+    return [float(args[0]), float(args[1])]
+
+
+def _override(key: str, value: Any) -> str:
+    import yaml
+
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
+def trial_config(space: SearchSpace, base: str, values: dict[str, Any], cli_overrides: list[str]) -> ExperimentConfig:
+    """The config of one trial: base, then the space's fixed values, the sampled values, ``--set``."""
+    resources = [_override("scaling.cpus_per_worker", space.cpu_per_trial),
+                 _override("scaling.use_gpu", space.gpu_per_trial > 0)]
+    if space.gpu_per_trial > 0:
+        resources.append(_override("scaling.gpus_per_worker", space.gpu_per_trial))
+    overrides = ([_override("mlflow.experiment", space.experiment)] + resources
+                 + [_override(k, v) for k, v in space.fixed.items()] + [_override(k, v) for k, v in values.items()])
+    return config_from_dict(apply_overrides(load_yaml(resolve_config_path(base)), overrides + cli_overrides))
+
+
+def load_space(name_or_path: str, cli_overrides: list[str] | None = None) -> SearchSpace:
+    path = resolve_space_path(name_or_path)
+    data = load_yaml(path)
+    unknown = [key for key in data if key not in TOP_LEVEL]
+    if unknown:
+        raise UserError(f"{path}: unknown key {unknown[0]!r}; allowed: {', '.join(TOP_LEVEL)}")
+    if "base" not in data:
+        raise UserError(f"{path}: missing 'base' (a config name or path, or a list of them)")
+    params = data.get("param_space") or {}
+    if not isinstance(params, dict):
+        raise UserError(f"{path}: param_space must be a mapping of config keys to distributions")
+    for key, spec in params.items():
+        _check_distribution(key, spec)
+    tune = data.get("tune") or {}
+    unknown = [key for key in tune if key not in TUNE_KEYS]
+    if unknown:
+        raise UserError(f"tune.{unknown[0]}: unknown key; allowed: {', '.join(TUNE_KEYS)}")
+    scheduler = tune.get("scheduler", {"name": "fifo"})
+    if not isinstance(scheduler, dict) or scheduler.get("name") not in ("fifo", "asha") or \
+            set(scheduler) - {"name", "max_t", "grace_period", "reduction_factor"}:
+        raise UserError(f"tune.scheduler: must be {{name: fifo}} or {{name: asha, max_t, grace_period, "
+                        f"reduction_factor}}, got {scheduler!r}")
+    resources = tune.get("resources_per_trial", {}) or {}
+    if set(resources) - {"cpu", "gpu"} or any(not isinstance(v, (int, float)) or v < 0 for v in resources.values()):
+        raise UserError(f"tune.resources_per_trial: must be {{cpu: number, gpu: number (fractions allowed)}}, "
+                        f"got {resources!r}")
+    if tune.get("mode", "max") not in ("max", "min"):
+        raise UserError(f"tune.mode: must be 'max' or 'min', got {tune.get('mode')!r}")
+    for key in ("num_samples", "max_concurrent_trials"):
+        value = tune.get(key, 1 if key == "num_samples" else 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "num_samples" else 0):
+            raise UserError(f"tune.{key}: must be an integer >= {1 if key == 'num_samples' else 0}, got {value!r}")
+    base = params.pop("base", None)
+    bases = base["grid"] if base else (data["base"] if isinstance(data["base"], list) else [data["base"]])
+    space = SearchSpace(
+        name=path.stem, base=bases, experiment=str(data.get("experiment") or f"curvlt-{path.stem}"),
+        fixed=dict(data.get("fixed") or {}), params=params, metric=str(tune.get("metric", "test/acc")),
+        mode=tune.get("mode", "max"), scheduler=Scheduler(**scheduler),
+        num_samples=tune.get("num_samples", 1), max_concurrent_trials=tune.get("max_concurrent_trials", 0),
+        cpu_per_trial=float(resources.get("cpu", 1)), gpu_per_trial=float(resources.get("gpu", 0)))
+    _validate_against_configs(space, cli_overrides or [])
+    return space
+
+
+def _validate_against_configs(space: SearchSpace, cli_overrides: list[str]) -> None:
+    """Build a config for every base with every candidate value: bad keys or values fail now."""
+    for base in space.base:
+        trial_config(space, base, {}, cli_overrides)
+        for key, spec in space.params.items():
+            for value in _candidate_values(spec):
+                try:
+                    trial_config(space, base, {key: value}, cli_overrides)
+                except UserError as exc:
+                    raise UserError(f"param_space.{key}: {exc}") from None
+
+
+def tune_param_space(space: SearchSpace) -> dict[str, Any]:
+    """Ray Tune's param space: one entry per key (dots kept in the names), plus the base config."""
+    from ray import tune
+
+    makers = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda a: tune.uniform(*a),
+              "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
+    params = {key: makers[kind](args) for key, spec in space.params.items() for kind, args in spec.items()}
+    params["base"] = tune.grid_search(list(space.base)) if len(space.base) > 1 else space.base[0]
+    return params
+
+
+def count_trials(space: SearchSpace) -> int:
+    grids = [len(spec["grid"]) for spec in space.params.values() if "grid" in spec]
+    return math.prod(grids) * len(space.base) * space.num_samples

@@ -1,0 +1,97 @@
+"""Sweeps on Ray Tune (SPEC §8): each trial is one Ray Train run of :func:`orchestrator.trainer.train`,
+reported to Tune epoch by epoch (so ASHA can stop it early), tracked as one MLflow run tagged with
+the sweep and trial ids. An interrupted sweep resumes its unfinished trials: Tune restores the
+sweep, each restarted trial finds its MLflow run by key and its Ray Train run resumes from its
+latest checkpoint — so the experiment ends with exactly one finished run per trial."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import UserError
+from orchestrator.ray_env import ensure_ray
+from orchestrator.search_space import SearchSpace, trial_config, tune_param_space
+from orchestrator.tracking import check_reachable, resolve_tracking_uri
+from orchestrator.trainer import run_storage, train
+
+
+def sweeps_root() -> Path:
+    return (Path.cwd() / "curvlt_runs" / "sweeps").resolve()
+
+
+def run_trial(params: dict[str, Any], space: SearchSpace, cli_overrides: list[str], sweep_id: str) -> None:
+    """The Tune trainable: build the trial's config and train it (or report a finished run)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    values = {key: value for key, value in params.items() if key != "base"}
+    config = trial_config(space, params["base"], values, cli_overrides)
+    trial_id = tune.get_context().get_trial_id()
+    outcome = train(config, tags={"curvlt.sweep": sweep_id, "curvlt.trial": trial_id, "curvlt.space": space.name},
+                    run_key=f"{sweep_id}/{trial_id}", callbacks=[TuneReportCallback()])
+    if space.metric not in outcome.final_metrics:
+        raise RuntimeError(f"trial {trial_id} finished without metric {space.metric!r}")
+    if not outcome.trained:  # finished before an interruption: Tune still needs its result
+        tune.report(outcome.final_metrics)
+
+
+def _scheduler(space: SearchSpace, epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if space.scheduler.name == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=space.scheduler.max_t or epochs,
+                             grace_period=space.scheduler.grace_period,
+                             reduction_factor=space.scheduler.reduction_factor)
+    return FIFOScheduler()
+
+
+def latest_sweep(space: SearchSpace) -> Path:
+    candidates = sorted(sweeps_root().glob(f"{space.name}-*"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UserError(f"--resume: no earlier sweep of {space.name!r} under {sweeps_root()}")
+    return candidates[-1]
+
+
+#: The trial itself only drives a Ray Train run whose workers hold the real resources; Tune refuses
+#: an empty request, so it asks for a token share of a CPU.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}
+
+
+def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> str:
+    """Run (or resume) the sweep; returns the MLflow experiment name holding its runs."""
+    from ray import tune
+
+    first = trial_config(space, space.base[0], {}, cli_overrides)
+    # Trials run in Tune's trial folders, so relative locations are resolved here, once.
+    cli_overrides = [f"mlflow.tracking_uri={resolve_tracking_uri(first.mlflow.tracking_uri)}",
+                     f"checkpoint.storage_path={run_storage(first)}", *cli_overrides]
+    check_reachable(resolve_tracking_uri(first.mlflow.tracking_uri))
+    ensure_ray()
+    if resume:
+        folder = latest_sweep(space)
+        if not tune.Tuner.can_restore(str(folder)):
+            raise UserError(f"--resume: {folder} holds no restorable Tune state")
+        sweep_id = folder.name
+        trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, cli_overrides=cli_overrides,
+                                                             sweep_id=sweep_id), TRIAL_DRIVER_RESOURCES)
+        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        sweep_id = f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, cli_overrides=cli_overrides,
+                                                             sweep_id=sweep_id), TRIAL_DRIVER_RESOURCES)
+        tuner = tune.Tuner(
+            trainable, param_space=tune_param_space(space),
+            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
+                                        max_concurrent_trials=space.max_concurrent_trials or None,
+                                        scheduler=_scheduler(space, first.train.epochs)),
+            run_config=tune.RunConfig(name=sweep_id, storage_path=str(sweeps_root()), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=1)))
+    print(f"[curvlt] sweep {sweep_id}: MLflow experiment {first.mlflow.experiment!r}; "
+          f"resume after an interruption with: curvlt tune {space.name} --resume", flush=True)
+    results = tuner.fit()
+    errors = [str(result.error).splitlines()[0] for result in results if result.error]
+    if errors:
+        print(f"[curvlt] {len(errors)} trial(s) failed; first error: {errors[0]}")
+    return first.mlflow.experiment

@@ -1,0 +1,29 @@
+"""``curvlt tune NAME_OR_PATH [--set key=value ...] [--resume]`` — a sweep on Ray Tune (SPEC §9)."""
+
+from __future__ import annotations
+
+import argparse
+
+from orchestrator.search_space import count_trials, load_space
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("tune", help="run a sweep from search_spaces/ on Ray Tune",
+                                   description="Sweep a search space; each trial is one Ray Train run.")
+    parser.add_argument("space", help="shipped search space name (e.g. quickstart) or path to a YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key of every trial, e.g. --set train.epochs=2 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="resume the latest interrupted sweep of this space")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.compare import compare_experiment, render
+    from orchestrator.sweep import run_sweep
+
+    space = load_space(args.space, args.overrides)
+    print(f"[curvlt] {space.name}: {count_trials(space)} trial(s) over {', '.join(space.base)}")
+    experiment = run_sweep(space, args.overrides, args.resume)
+    table = compare_experiment(experiment)
+    print(render(table, "table"))
+    return 0
