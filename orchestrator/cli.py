@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator import compare_command, measure_command, train_command, tune_command
+from orchestrator import compare_command, measure_command, submit_command, train_command, tune_command
 from orchestrator.errors import UserError
 
-COMMANDS = [measure_command, train_command, tune_command, compare_command]
+COMMANDS = [measure_command, train_command, tune_command, compare_command, submit_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

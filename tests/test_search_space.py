@@ -1,0 +1,65 @@
+"""Search-space files are validated before anything starts (issue: sweeps, item 1)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.errors import UserError
+from orchestrator.search_space import SPACE_DIR, count_trials, load_space, trial_config
+
+SHIPPED = sorted(path.stem for path in SPACE_DIR.glob("*.yaml"))
+
+
+def test_shipped_spaces():
+    assert {"quickstart", "fashion_mnist_lt", "cifar_lt", "imagenet_lt"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_space_is_valid(name):
+    space = load_space(name)
+    assert count_trials(space) >= 1
+
+
+def test_quickstart_shape():
+    space = load_space("quickstart")
+    assert space.base == ["digits_lt", "synthetic_manifolds"] and count_trials(space) == 12
+    weights = space.params["cr.weight"]["grid"]
+    assert 0.0 in weights and len([w for w in weights if w > 0]) >= 2
+
+
+def test_cli_overrides_win_over_the_space(tmp_path):
+    space = load_space("quickstart", ["mlflow.experiment=X", "train.epochs=2"])
+    config = trial_config(space, "digits_lt", {"cr.weight": 0.5}, ["mlflow.experiment=X", "train.epochs=2"])
+    assert config.mlflow.experiment == "X" and config.train.epochs == 2 and config.cr.weight == 0.5
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("body,message", [
+    ("base: digits_lt\nparam_space: {cr.weight: {grid: []}}", "param_space.cr.weight.grid: must be a non-empty list"),
+    ("base: digits_lt\nparam_space: {cr.wait: {grid: [1]}}", "param_space.cr.wait: cr.wait: unknown key"),
+    ("base: digits_lt\nparam_space: {cr.weight: {normal: [0, 1]}}", "param_space.cr.weight: must be one of"),
+    ("base: digits_lt\nparam_space: {train.lr: {loguniform: [0, 1]}}", "loguniform: bounds must be > 0"),
+    ("base: digits_lt\nparam_space: {train.lr: {uniform: [1, 0]}}", "must be [low, high] numbers with low < high"),
+    ("base: digits_lt\nparam_space: {train.epochs: {uniform: [1, 3]}}", "train.epochs: must be an integer"),
+    ("base: digits_lt\nparam_space: {cr.weight: {grid: [-1]}}", "cr.weight: must be >= 0"),
+    ("base: nope\n", "nope: not a config file nor a bundled config"),
+    ("param_space: {}\n", "missing 'base'"),
+    ("base: digits_lt\ntune: {scheduler: {name: hyperband}}", "tune.scheduler: must be"),
+    ("base: digits_lt\ntune: {resources_per_trial: {gpu: -1}}", "tune.resources_per_trial"),
+    ("base: digits_lt\ntune: {budget: 3}", "tune.budget: unknown key"),
+    ("base: digits_lt\nextra: 1", "unknown key 'extra'"),
+])
+def test_bad_spaces_stop_with_a_clear_message(tmp_path, body, message):
+    with pytest.raises(UserError) as info:
+        load_space(write(tmp_path, body))
+    assert message in str(info.value)
+
+
+def test_unknown_space_lists_shipped():
+    with pytest.raises(UserError, match="shipped: "):
+        load_space("nope")

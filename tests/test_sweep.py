@@ -1,0 +1,111 @@
+"""Sweeps on a real local Ray + Tune, compared from MLflow; resume after Ctrl-C; and submission
+to a Ray head started by the test through the Ray Jobs API (issue: sweeps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import free_port
+
+CURVLT = shutil.which("curvlt") or str(Path(sys.executable).with_name("curvlt"))
+SPACES = Path(__file__).parent / "spaces"
+GROUP_KEYS = {"dataset", "loss", "cr_weight", "n_runs", "acc_mean", "acc_std", "acc_many_mean", "acc_medium_mean",
+              "acc_few_mean", "curvature_imbalance_mean", "delta_acc_vs_no_cr"}
+
+
+def curvlt(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([CURVLT, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def sweep_runs(db: Path, experiment: str) -> list:
+    client = MlflowClient(f"sqlite:///{db}")
+    found = client.get_experiment_by_name(experiment)
+    return [run for run in client.search_runs([found.experiment_id]) if run.data.tags.get("curvlt.trial")]
+
+
+def test_tiny_sweep_then_compare_json(tmp_path):
+    result = curvlt("tune", str(SPACES / "tiny.yaml"), "--set", "mlflow.experiment=X", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "delta_acc_vs_no_cr" in result.stdout  # the comparison table ends the sweep
+    runs = sweep_runs(tmp_path / "mlflow.db", "X")
+    assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
+    assert len({run.data.tags["curvlt.trial"] for run in runs}) == 2
+    compared = curvlt("compare", "--experiment", "X", "--format", "json", cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr
+    groups = json.loads(compared.stdout)
+    assert [g["cr_weight"] for g in groups] == [0.0, 0.5]
+    assert all(GROUP_KEYS <= set(g) for g in groups)
+    assert groups[0]["delta_acc_vs_no_cr"] == 0.0 and groups[0]["n_runs"] == 1
+    assert (tmp_path / "curvlt_compare" / "X" / "accuracy_vs_weight.png").is_file()
+
+
+def test_interrupted_sweep_resumes_remaining_trials(tmp_path):
+    process = subprocess.Popen([CURVLT, "tune", str(SPACES / "four.yaml")], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    db = tmp_path / "mlflow.db"
+    deadline = time.time() + 400
+    while time.time() < deadline and process.poll() is None:
+        if db.exists():
+            try:
+                if any(run.info.status == "FINISHED" for run in sweep_runs(db, "resume-sweep")):
+                    break
+            except Exception:  # the database may be mid-creation
+                pass
+        time.sleep(1)
+    assert process.poll() is None, "the sweep ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    output, _ = process.communicate(timeout=300)
+    unfinished = [run for run in sweep_runs(db, "resume-sweep") if run.info.status != "FINISHED"]
+    finished_before = [run for run in sweep_runs(db, "resume-sweep") if run.info.status == "FINISHED"]
+    assert 1 <= len(finished_before) < 4, output[-3000:]
+
+    resumed = curvlt("tune", str(SPACES / "four.yaml"), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    runs = sweep_runs(db, "resume-sweep")
+    trials = [run.data.tags["curvlt.trial"] for run in runs]
+    assert len(runs) == 4 and len(set(trials)) == 4, trials  # exactly one run per trial
+    assert all(run.info.status == "FINISHED" for run in runs)
+    assert {run.info.run_id for run in finished_before} <= {run.info.run_id for run in runs}
+    for run in unfinished:  # an interrupted trial continued in its own run
+        assert run.info.run_id in {r.info.run_id for r in runs}
+
+
+def test_resume_without_an_earlier_sweep_is_a_clear_error(tmp_path):
+    result = curvlt("tune", str(SPACES / "tiny.yaml"), "--resume", cwd=tmp_path)
+    assert result.returncode == 2 and "no earlier sweep" in result.stderr
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head on 127.0.0.1 with the Jobs API, stopped afterwards."""
+    port, dashboard = free_port(), free_port()
+    ray = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+                    "--num-cpus=2", "--disable-usage-stats"], check=True, capture_output=True, timeout=180)
+    yield f"http://127.0.0.1:{dashboard}"
+    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_submitted_sweep_finishes_and_lands_in_mlflow(ray_head, tmp_path):
+    db = tmp_path / "mlflow.db"
+    result = curvlt("submit", "--address", ray_head, "--env", f"MLFLOW_TRACKING_URI=sqlite:///{db}", "--wait", "--",
+                    "curvlt", "tune", str(SPACES / "tiny.yaml"), "--set", f"checkpoint.storage_path={tmp_path / 'runs'}",
+                    cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "submitted job" in result.stdout and "SUCCEEDED" in result.stdout
+    runs = sweep_runs(db, "tiny-sweep")
+    assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
+    job_id = result.stdout.split("submitted job ")[1].split()[0]
+    assert "SUCCEEDED" in curvlt("submit", "--address", ray_head, "--status", job_id, cwd=tmp_path).stdout
