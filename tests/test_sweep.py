@@ -88,24 +88,54 @@ def test_resume_without_an_earlier_sweep_is_a_clear_error(tmp_path):
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A Ray head on 127.0.0.1 with the Jobs API, stopped afterwards."""
+    """A Ray head on 127.0.0.1 with the Jobs API, run in the foreground (--block) in its own process
+    group so that the test stops exactly the processes it started (not other Ray instances)."""
+    import urllib.error
+    import urllib.request
+
+    import secrets
+
     port, dashboard = free_port(), free_port()
     ray = str(Path(sys.executable).with_name("ray"))
-    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-                    "--num-cpus=2", "--disable-usage-stats"], check=True, capture_output=True, timeout=180)
-    yield f"http://127.0.0.1:{dashboard}"
-    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # shared with the client
+    log = open(tmp_path / "ray-head.log", "w")
+    head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+                             "--num-cpus=2", "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True,  # the head runs as from an activated environment:
+                            env={**os.environ, **auth, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(address + "/api/version", timeout=2):
+                break
+        except urllib.error.HTTPError:  # it answers (e.g. 401 before authentication): it is up
+            break
+        except OSError:
+            if head.poll() is not None or time.time() > deadline:
+                os.killpg(head.pid, signal.SIGKILL)
+                pytest.fail(f"ray head did not start: {(tmp_path / 'ray-head.log').read_text()[-2000:]}")
+            time.sleep(1)
+    yield address, auth
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    log.close()
 
 
 def test_submitted_sweep_finishes_and_lands_in_mlflow(ray_head, tmp_path):
+    ray_head, auth = ray_head
     db = tmp_path / "mlflow.db"
     result = curvlt("submit", "--address", ray_head, "--env", f"MLFLOW_TRACKING_URI=sqlite:///{db}", "--wait", "--",
                     "curvlt", "tune", str(SPACES / "tiny.yaml"), "--set", f"checkpoint.storage_path={tmp_path / 'runs'}",
-                    cwd=tmp_path)
+                    cwd=tmp_path, env=auth)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert auth["RAY_AUTH_TOKEN"] not in result.stdout + result.stderr
     assert "submitted job" in result.stdout and "SUCCEEDED" in result.stdout
     runs = sweep_runs(db, "tiny-sweep")
     assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
     job_id = result.stdout.split("submitted job ")[1].split()[0]
-    assert "SUCCEEDED" in curvlt("submit", "--address", ray_head, "--status", job_id, cwd=tmp_path).stdout
+    assert "SUCCEEDED" in curvlt("submit", "--address", ray_head, "--status", job_id, cwd=tmp_path, env=auth).stdout
