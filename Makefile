@@ -17,12 +17,15 @@ install: $(STAMP)
 
 quickstart: $(STAMP)
 	$(VENV)/bin/curvlt measure --example
+	$(VENV)/bin/curvlt tune quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/geometry.py
+	$(PY) benchmarks/training.py
+	$(PY) benchmarks/sweep.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

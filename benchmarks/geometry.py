@@ -27,9 +27,9 @@ import torch
 
 from _machine import best_time, describe
 from curvature import class_geometry, manifolds, quadratic_curvature, tangent_rotation
-from curvature.knn import _faiss_indices, _torch_indices, choose_backend, knn_indices
+from curvature.neighbours import _faiss_indices, _torch_indices, choose_backend, knn_indices
 from curvature.local_pca import local_spectra, tangent_bases
-from curvature.tangent_rotation import grassmann_distances
+from curvature.rotation import grassmann_distances
 
 
 def sphere_cloud(n: int, p: int, dim: int = 2, seed: int = 0) -> np.ndarray:

@@ -1,17 +1,18 @@
 """curvlt's geometry engine: measures of class feature manifolds and the curvature regularizer.
 
-Pure tensor code (no Ray, no MLflow, no file I/O). Every function accepts NumPy arrays or torch
+Pure tensor code (no Ray, no MLflow, no file I/O). Modules are named for what they hold
+(``neighbours``, ``rotation``, ``volumes``, ``per_class``) so that no module hides behind the
+function of the same name that this package exports. Every function accepts NumPy arrays or torch
 tensors on any device, in float32 or float64; see SPEC §3 for the definitions.
 """
 
-from curvature.class_geometry import class_geometry
-from curvature.knn import knn
-from curvature.local_pca import intrinsic_dim_from_neighbours
-from curvature.quadratic import QuadraticCurvature, quadratic_curvature
-from curvature.tangent_rotation import TangentRotation, tangent_rotation
-from curvature.volume import Separation, separation, volume
 from curvature._inputs import ArrayLike, as_points, check_k
-from curvature.knn import Backend, knn_indices
+from curvature.local_pca import intrinsic_dim_from_neighbours
+from curvature.neighbours import Backend, knn, knn_indices
+from curvature.per_class import class_geometry
+from curvature.quadratic import QuadraticCurvature, quadratic_curvature
+from curvature.rotation import TangentRotation, tangent_rotation
+from curvature.volumes import Separation, separation, volume
 
 
 def intrinsic_dim(points: ArrayLike, k: int = 10, backend: Backend = "auto") -> int:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from curvature._inputs import ArrayLike, as_points, check_k
-from curvature.knn import Backend, knn_indices
+from curvature.neighbours import Backend, knn_indices
 from curvature._chunks import chunk_ranges
 from curvature.local_pca import local_spectra, tangent_bases
-from curvature.tangent_rotation import TangentDim, resolve_tangent_dim
+from curvature.rotation import TangentDim, resolve_tangent_dim
 
 
 @dataclass

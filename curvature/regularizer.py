@@ -9,7 +9,7 @@ explicit balance term. This formulation is curvlt's; the paper's exact term was 
 
 All classes go through the geometry engine in one batch: classes are padded to a common length,
 neighbours are found per class with one batched distance computation, and the per-point estimator
-(:func:`curvature.tangent_rotation.pointwise_curvature`) runs once over every point of every class.
+(:func:`curvature.rotation.pointwise_curvature`) runs once over every point of every class.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 
 from curvature.local_pca import local_spectra
 from curvature.queue import ClassFeatureQueue, GatherFn, gather_from_all_workers, rank_within_class
-from curvature.tangent_rotation import TangentDim, pointwise_curvature, resolve_tangent_dim
+from curvature.rotation import TangentDim, pointwise_curvature, resolve_tangent_dim
 
 
 @dataclass

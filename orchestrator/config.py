@@ -251,18 +251,22 @@ def _cross_checks(config: ExperimentConfig) -> None:
         raise UserError(f"train.warmup_epochs: must be below train.epochs = {config.train.epochs}")
 
 
-def resolve_config_path(name_or_path: str) -> Path:
-    """A bundled config name (``digits_lt``) or a path to a YAML file."""
+def resolve_named_file(name_or_path: str, folder: Path, kind: str) -> Path:
+    """A bundled file's name (``digits_lt`` -> ``folder/digits_lt.yaml``) or a path to a YAML file."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise UserError(f"{path}: no such config file")
+            raise UserError(f"{path}: no such {kind} file")
         return path
-    bundled = CONFIG_DIR / f"{name_or_path}.yaml"
+    bundled = folder / f"{name_or_path}.yaml"
     if not bundled.is_file():
-        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise UserError(f"{name_or_path}: not a config file nor a bundled config; bundled: {names}")
+        names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise UserError(f"{name_or_path}: not a {kind} file nor a bundled {kind}; bundled: {names}")
     return bundled
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    return resolve_named_file(name_or_path, CONFIG_DIR, "config")
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -317,6 +321,12 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Experi
     """Load, override and validate an experiment config."""
     data = load_yaml(resolve_config_path(name_or_path))
     return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def add_overrides_argument(parser) -> None:
+    """The ``--set KEY=VALUE`` option shared by ``curvlt train`` and ``curvlt tune``."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set cr.weight=0.5 or --set train.epochs=2 (repeatable)")
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

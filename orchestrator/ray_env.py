@@ -34,5 +34,6 @@ def ensure_ray(dashboard: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
     else:
-        ray.init(include_dashboard=dashboard, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+        # address="local": always a fresh instance of our own, never one left behind by `ray start`.
+        ray.init(address="local", include_dashboard=dashboard, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
                  runtime_env=runtime_env, logging_level="WARNING")

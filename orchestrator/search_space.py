@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import (ExperimentConfig, apply_overrides, config_from_dict, load_yaml, resolve_config_path)
+from orchestrator.config import (ExperimentConfig, apply_overrides, config_from_dict, load_yaml, resolve_config_path,
+                                 resolve_named_file)
 from orchestrator.errors import UserError
 
 SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -44,16 +45,7 @@ class SearchSpace:
 
 
 def resolve_space_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise UserError(f"{path}: no such search space file")
-        return path
-    bundled = SPACE_DIR / f"{name_or_path}.yaml"
-    if not bundled.is_file():
-        names = ", ".join(sorted(p.stem for p in SPACE_DIR.glob("*.yaml")))
-        raise UserError(f"{name_or_path}: not a search space file nor a shipped one; shipped: {names}")
-    return bundled
+    return resolve_named_file(name_or_path, SPACE_DIR, "search space")
 
 
 def _check_distribution(key: str, spec: Any) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from orchestrator.errors import UserError
 from orchestrator.ray_env import ensure_ray
 from orchestrator.search_space import SearchSpace, trial_config, tune_param_space
-from orchestrator.tracking import check_reachable, resolve_tracking_uri
+from orchestrator.tracking import check_reachable, client, resolve_tracking_uri
 from orchestrator.trainer import run_storage, train
 
 
@@ -29,11 +29,14 @@ def run_trial(params: dict[str, Any], space: SearchSpace, cli_overrides: list[st
     values = {key: value for key, value in params.items() if key != "base"}
     config = trial_config(space, params["base"], values, cli_overrides)
     trial_id = tune.get_context().get_trial_id()
+    started = time.perf_counter()
     outcome = train(config, tags={"curvlt.sweep": sweep_id, "curvlt.trial": trial_id, "curvlt.space": space.name},
                     run_key=f"{sweep_id}/{trial_id}", callbacks=[TuneReportCallback()])
     if space.metric not in outcome.final_metrics:
         raise RuntimeError(f"trial {trial_id} finished without metric {space.metric!r}")
-    if not outcome.trained:  # finished before an interruption: Tune still needs its result
+    if outcome.trained:
+        client(outcome.tracking_uri).log_metric(outcome.run_id, "time/trial_s", time.perf_counter() - started)
+    else:  # finished before an interruption: Tune still needs its result
         tune.report(outcome.final_metrics)
 
 

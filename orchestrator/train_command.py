@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from orchestrator.config import load_config
+from orchestrator.config import add_overrides_argument, load_config
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train one configuration on Ray Train, tracked in MLflow",
                                    description="Train with a base loss (+ curvature regularization).")
     parser.add_argument("config", help="bundled config name (e.g. digits_lt) or path to a YAML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set cr.weight=0.5 (repeatable)")
+    add_overrides_argument(parser)
     parser.set_defaults(run=run)
 
 

@@ -5,6 +5,7 @@ measure geometry, log to MLflow (rank 0) and report/checkpoint to Ray Train."""
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    started = time.perf_counter()
+    seconds = {"setup": 0.0, "train": 0.0, "eval": 0.0, "logging": 0.0, "checkpoint": 0.0}  # benchmarks/sweep.py
     config = config_from_dict(payload["config"])
     context = ray.train.get_context()
     is_main = context.get_world_rank() == 0
@@ -84,6 +87,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         start_epoch = state["epoch"] + 1
     logger = RunLogger(payload["tracking_uri"], payload["run_id"]) if is_main else None
 
+    seconds["setup"] = time.perf_counter() - started
     steps_per_epoch = len(train_loader)
     if config.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
@@ -92,6 +96,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if world_size > 1:
             train_loader.sampler.set_epoch(epoch)
         model.train()
+        clock = time.perf_counter()
         sums = torch.zeros(4, device=device)  # total, base, cr, steps
         for step, (images, labels) in enumerate(train_loader):
             if step >= steps_per_epoch:
@@ -109,6 +114,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             sums += torch.stack([loss.detach(), loss_base.detach(), cr_result.loss.detach(),
                                  torch.ones((), device=device)])
         sums = _mean_across_workers(sums)
+        seconds["train"] += time.perf_counter() - clock
+        clock = time.perf_counter()
         metrics = {"epoch": epoch, "train/loss": float(sums[0] / sums[3]), "train/base_loss": float(sums[1] / sums[3]),
                    "train/cr_loss": float(sums[2] / sums[3]), "train/lr": learning_rate(config.train, epoch)}
 
@@ -117,13 +124,19 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             per_class = class_accuracy(test, data.num_classes)
             metrics.update(accuracy_metrics(per_class, groups))
             metrics.update({f"class_acc/{c:03d}": float(a) for c, a in enumerate(per_class)})
-            if is_geometry_epoch(config, epoch) and epoch not in logger.done:
+            measure_geometry = is_geometry_epoch(config, epoch) and epoch not in logger.done
+            if measure_geometry:
                 train = predict(_unwrap(model), geometry_loader, device)
                 table = geometry_table(train, test, per_class, data.class_counts, config.eval.geometry_k,
                                        data.true_curvature)
                 metrics.update(correlation_metrics(split_geometry(table, "train"), per_class, "geometry"))
                 metrics.update(correlation_metrics(split_geometry(table, "test"), per_class, "geometry_test"))
+            seconds["eval"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            if measure_geometry:
                 logger.log_table(table, "geometry", f"epoch_{epoch:03d}.csv")
+            if epoch == config.train.epochs - 1:
+                metrics.update({f"time/{name}_s": value for name, value in seconds.items()})
             if logger.log_epoch(epoch, {k: v for k, v in metrics.items() if k != "epoch"}):
                 shots = " ".join(f"{name} {100 * metrics[f'test/acc_{name}']:.1f}" for name in ("many", "medium", "few")
                                  if f"test/acc_{name}" in metrics)
@@ -131,6 +144,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                       f"(base {metrics['train/base_loss']:.4f}, cr {metrics['train/cr_loss']:.4f})  "
                       f"test acc {100 * metrics['test/acc']:.2f}%  [{shots}]", flush=True)
 
+            seconds["logging"] += time.perf_counter() - clock
+        clock = time.perf_counter()
         last = epoch == config.train.epochs - 1
         if (epoch + 1) % config.checkpoint.every == 0 or last:
             with tempfile.TemporaryDirectory() as folder:
@@ -141,6 +156,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                                  checkpoint=ray.train.Checkpoint.from_directory(folder) if is_main else None)
         else:
             ray.train.report(_reportable(metrics))
+        seconds["checkpoint"] += time.perf_counter() - clock
 
 
 def _reportable(metrics: dict[str, Any]) -> dict[str, Any]:

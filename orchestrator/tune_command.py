@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from orchestrator.config import add_overrides_argument
 from orchestrator.search_space import count_trials, load_space
 
 
@@ -11,8 +12,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("tune", help="run a sweep from search_spaces/ on Ray Tune",
                                    description="Sweep a search space; each trial is one Ray Train run.")
     parser.add_argument("space", help="shipped search space name (e.g. quickstart) or path to a YAML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key of every trial, e.g. --set train.epochs=2 (repeatable)")
+    add_overrides_argument(parser)
     parser.add_argument("--resume", action="store_true", help="resume the latest interrupted sweep of this space")
     parser.set_defaults(run=run)
 

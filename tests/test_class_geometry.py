@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from curvature import class_geometry, manifolds
-from curvature.class_geometry import COLUMNS
+from curvature.per_class import COLUMNS
 
 
 def test_one_row_per_class_with_true_curvature(rng):

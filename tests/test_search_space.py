@@ -61,5 +61,5 @@ def test_bad_spaces_stop_with_a_clear_message(tmp_path, body, message):
 
 
 def test_unknown_space_lists_shipped():
-    with pytest.raises(UserError, match="shipped: "):
+    with pytest.raises(UserError, match="bundled: "):
         load_space("nope")

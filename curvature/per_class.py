@@ -11,9 +11,9 @@ import pandas as pd
 import torch
 
 from curvature._inputs import ArrayLike, as_class_features, check_positive_k
-from curvature.knn import Backend
-from curvature.tangent_rotation import TangentDim, tangent_rotation
-from curvature.volume import separation
+from curvature.neighbours import Backend
+from curvature.rotation import TangentDim, tangent_rotation
+from curvature.volumes import separation
 
 COLUMNS = ["label", "count", "volume", "separation", "mean_angle", "mean_kappa", "median_angle",
            "median_kappa", "tangent_dim", "skipped"]

@@ -15,7 +15,7 @@ import torch
 
 from curvature._inputs import ArrayLike, as_points, check_k
 from curvature._linalg import safe_sqrt, squared_angle_from_sin2, symmetric_eigvals
-from curvature.knn import Backend, gather_distances, knn_indices
+from curvature.neighbours import Backend, gather_distances, knn_indices
 from curvature._chunks import chunk_ranges
 from curvature.local_pca import dim_from_spectra, local_spectra, tangent_bases
 

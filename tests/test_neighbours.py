@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from curvature import knn
-from curvature.knn import choose_backend, drop_self, faiss_available
+from curvature.neighbours import choose_backend, drop_self, faiss_available
 
 BACKENDS = ["torch", "faiss", "auto"]
 
