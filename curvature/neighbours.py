@@ -17,7 +17,7 @@ from curvature._inputs import ArrayLike, as_points, check_k
 Backend = Literal["auto", "torch", "faiss"]
 
 #: On CPU, clouds at least this large go to FAISS under ``backend="auto"`` (see choose_backend).
-CPU_FAISS_MIN_POINTS = 3000
+CPU_FAISS_MIN_POINTS = 2000
 
 
 def faiss_available() -> bool:
@@ -38,8 +38,8 @@ def _faiss_gpu_count() -> int:
 def choose_backend(n: int, p: int, device: torch.device) -> str:
     """The backend ``auto`` picks, from ``benchmarks/geometry.py``'s torch-vs-FAISS table.
 
-    On the 2-core reference CPU torch's ``cdist`` + ``topk`` is as fast or faster up to about 3,000
-    points and faiss-cpu's flat index is 1.3-1.5x faster beyond, for p from 16 to 512. On CUDA,
+    On the 2-core reference CPU torch's ``cdist`` + ``topk`` is as fast or faster below about 2,000
+    points and faiss-cpu's flat index 1.2-3.6x faster from 2,000 on, for p from 16 to 512. On CUDA,
     torch stays on the device unless FAISS itself sees a GPU.
     """
     if not faiss_available():
