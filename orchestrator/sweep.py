@@ -13,7 +13,7 @@ from typing import Any
 from orchestrator.errors import UserError
 from orchestrator.ray_env import ensure_ray
 from orchestrator.search_space import SearchSpace, trial_config, tune_param_space
-from orchestrator.tracking import check_reachable, client, resolve_tracking_uri
+from orchestrator.tracking import check_reachable, client, experiment_id, resolve_tracking_uri
 from orchestrator.trainer import run_storage, train
 
 
@@ -62,34 +62,35 @@ def latest_sweep(space: SearchSpace) -> Path:
 TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}
 
 
-def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> str:
-    """Run (or resume) the sweep; returns the MLflow experiment name holding its runs."""
+def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> tuple[str, int]:
+    """Run (or resume) the sweep; returns the MLflow experiment holding its runs and how many trials
+    failed."""
     from ray import tune
 
     first = trial_config(space, space.base[0], {}, cli_overrides)
+    uri = resolve_tracking_uri(first.mlflow.tracking_uri)
+    check_reachable(uri)
+    # Create the store and the experiment here: concurrent trials migrating a fresh SQLite file
+    # at the same time race ("table _alembic_tmp_tags already exists").
+    experiment_id(uri, first.mlflow.experiment)
     # Trials run in Tune's trial folders, so relative locations are resolved here, once.
-    cli_overrides = [f"mlflow.tracking_uri={resolve_tracking_uri(first.mlflow.tracking_uri)}",
-                     f"checkpoint.storage_path={run_storage(first)}", *cli_overrides]
-    check_reachable(resolve_tracking_uri(first.mlflow.tracking_uri))
+    cli_overrides = [f"mlflow.tracking_uri={uri}", f"checkpoint.storage_path={run_storage(first)}", *cli_overrides]
+    folder = latest_sweep(space) if resume else sweeps_root() / f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_id = folder.name
     ensure_ray()
+    trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, cli_overrides=cli_overrides,
+                                                         sweep_id=sweep_id), TRIAL_DRIVER_RESOURCES)
     if resume:
-        folder = latest_sweep(space)
         if not tune.Tuner.can_restore(str(folder)):
             raise UserError(f"--resume: {folder} holds no restorable Tune state")
-        sweep_id = folder.name
-        trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, cli_overrides=cli_overrides,
-                                                             sweep_id=sweep_id), TRIAL_DRIVER_RESOURCES)
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        sweep_id = f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, cli_overrides=cli_overrides,
-                                                             sweep_id=sweep_id), TRIAL_DRIVER_RESOURCES)
         tuner = tune.Tuner(
             trainable, param_space=tune_param_space(space),
             tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
                                         max_concurrent_trials=space.max_concurrent_trials or None,
                                         scheduler=_scheduler(space, first.train.epochs)),
-            run_config=tune.RunConfig(name=sweep_id, storage_path=str(sweeps_root()), verbose=1,
+            run_config=tune.RunConfig(name=sweep_id, storage_path=str(folder.parent), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=1)))
     print(f"[curvlt] sweep {sweep_id}: MLflow experiment {first.mlflow.experiment!r}; "
           f"resume after an interruption with: curvlt tune {space.name} --resume", flush=True)
@@ -97,4 +98,4 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> str
     errors = [str(result.error).splitlines()[0] for result in results if result.error]
     if errors:
         print(f"[curvlt] {len(errors)} trial(s) failed; first error: {errors[0]}")
-    return first.mlflow.experiment
+    return first.mlflow.experiment, len(errors)

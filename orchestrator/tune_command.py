@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from orchestrator.config import add_overrides_argument
 from orchestrator.search_space import count_trials, load_space
@@ -23,7 +24,10 @@ def run(args: argparse.Namespace) -> int:
 
     space = load_space(args.space, args.overrides)
     print(f"[curvlt] {space.name}: {count_trials(space)} trial(s) over {', '.join(space.base)}")
-    experiment = run_sweep(space, args.overrides, args.resume)
+    experiment, failed = run_sweep(space, args.overrides, args.resume)
     table = compare_experiment(experiment)
     print(render(table, "table"))
+    if failed:
+        print(f"curvlt: error: {failed} trial(s) failed (see above); fix and run again with --resume", file=sys.stderr)
+        return 1
     return 0
