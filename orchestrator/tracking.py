@@ -114,7 +114,7 @@ class RunLogger:
     restart from a checkpoint, re-run epochs are not logged twice."""
 
     def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
+        self.run_id, self.client = run_id, client(uri)
         self.done = logged_epochs(uri, run_id)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
@@ -127,7 +127,7 @@ class RunLogger:
         ordered = sorted(metrics.items(), key=lambda item: item[0] == EPOCH_MARKER)
         batch = [Metric(key, float(value), now, epoch) for key, value in ordered]
         for start in range(0, len(batch), 1000):
-            client(self.uri).log_batch(self.run_id, metrics=batch[start : start + 1000])
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
         self.done.add(epoch)
         return True
 
@@ -135,7 +135,7 @@ class RunLogger:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / filename
             table.to_csv(path, index=False)
-            client(self.uri).log_artifact(self.run_id, str(path), artifact_path)
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
 def finish_run(uri: str, run_id: str, status: str, tags: dict[str, Any]) -> None:
