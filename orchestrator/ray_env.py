@@ -1,30 +1,71 @@
 """Starting or joining Ray. A local instance listens on 127.0.0.1 only, with the dashboard off
-unless asked for (SPEC §8 safety); inside a submitted job, ``RAY_ADDRESS`` points at the cluster."""
+unless asked for with ``CURVLT_RAY_DASHBOARD=1`` (SPEC §8 safety); inside a submitted job,
+``RAY_ADDRESS`` points at the cluster."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 
 #: Loggers that speak at every report or every second; errors still come through.
 _CHATTY_LOGGERS = {
     "ray.train": logging.ERROR,  # per-report and per-checkpoint INFO lines
-    # Without the dashboard there is no state API, and Ray Train's placement-group cleaner warns
-    # about it once a second for the whole run (Ray 2.60).
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    # Without the dashboard there is no state API: Ray Train's placement-group cleaner warns once a
+    # second that it cannot ask whether its controller lives, and its stop times out at every
+    # controller shutdown (Ray 2.60). Our sweep trials release their runs' placement groups
+    # themselves (orchestrator.trial).
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.CRITICAL,
+    "ray.train.v2._internal.callbacks.placement_group_callback": logging.CRITICAL,
     "faiss.loader": logging.WARNING,
+    # Ray Train's "Reporting training result ..." INFO line, once per report; this logger is named
+    # after its file, not its module.
+    os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py"): logging.WARNING,
 }
+
+#: Set to 1 to start the local instance with its dashboard (on 127.0.0.1:8265).
+DASHBOARD_ENV = "CURVLT_RAY_DASHBOARD"
+
+#: Ray reads this once, on import, to decide whether a node may be part of a multi-machine cluster.
+_CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def quiet_ray_train_logs() -> None:
-    """Runs in every Ray worker process at start-up (``worker_process_setup_hook``)."""
+    """Runs in every Ray worker process at start-up (``worker_process_setup_hook``).
+
+    It also tells the process its own cluster's address: Ray's state API, which Ray Train calls,
+    otherwise looks the address up in /tmp/ray and, finding a stale cluster there, waits 40 s on
+    it before failing; with the address it fails at once.
+    """
     for name, level in _CHATTY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
-def ensure_ray(dashboard: bool = False) -> None:
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Ray "resolves" a node address of 127.0.0.1 to the machine's reachable IP and binds its
+    servers there, unless it believes multi-machine clusters are off (as on macOS). Say so while
+    this process starts its own instance: its GCS, raylet and workers inherit the setting and
+    listen on 127.0.0.1 only."""
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(_CLUSTERS_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTERS_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_CLUSTERS_ENV)
+        else:
+            os.environ[_CLUSTERS_ENV] = saved_env
+
+
+def ensure_ray() -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -33,7 +74,8 @@ def ensure_ray(dashboard: bool = False) -> None:
     runtime_env = {"worker_process_setup_hook": "orchestrator.ray_env.quiet_ray_train_logs"}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
-    else:
-        # address="local": always a fresh instance of our own, never one left behind by `ray start`.
-        ray.init(address="local", include_dashboard=dashboard, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                 runtime_env=runtime_env, logging_level="WARNING")
+        return
+    # address="local": always a fresh instance of our own, never one left behind by `ray start`.
+    with _loopback_only():
+        ray.init(address="local", include_dashboard=os.environ.get(DASHBOARD_ENV) == "1", _node_ip_address="127.0.0.1",
+                 dashboard_host="127.0.0.1", runtime_env=runtime_env, logging_level="WARNING")

@@ -1,6 +1,6 @@
-"""Sweeps on Ray Tune (SPEC §8): each trial is one Ray Train run of :func:`orchestrator.trainer.train`,
-reported to Tune epoch by epoch (so ASHA can stop it early), tracked as one MLflow run tagged with
-the sweep and trial ids. An interrupted sweep resumes its unfinished trials: Tune restores the
+"""Sweeps on Ray Tune (SPEC §8): each trial (:class:`orchestrator.trial.SweepTrial`) is one Ray Train
+run of :func:`orchestrator.trainer.train`, reported to Tune epoch by epoch (so ASHA can stop it
+early), tracked as one MLflow run tagged with the sweep and trial ids. An interrupted sweep resumes its unfinished trials: Tune restores the
 sweep, each restarted trial finds its MLflow run by key and its Ray Train run resumes from its
 latest checkpoint — so the experiment ends with exactly one finished run per trial."""
 
@@ -8,36 +8,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 from orchestrator.errors import UserError
 from orchestrator.ray_env import ensure_ray
 from orchestrator.search_space import SearchSpace, trial_config, tune_param_space
-from orchestrator.tracking import check_reachable, client, experiment_id, resolve_tracking_uri
-from orchestrator.trainer import run_storage, train
+from orchestrator.tracking import check_reachable, experiment_id, resolve_tracking_uri
+from orchestrator.trainer import run_storage
+from orchestrator.trial import SweepTrial
 
 
 def sweeps_root() -> Path:
     return (Path.cwd() / "curvlt_runs" / "sweeps").resolve()
-
-
-def run_trial(params: dict[str, Any], space: SearchSpace, cli_overrides: list[str], sweep_id: str) -> None:
-    """The Tune trainable: build the trial's config and train it (or report a finished run)."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    values = {key: value for key, value in params.items() if key != "base"}
-    config = trial_config(space, params["base"], values, cli_overrides)
-    trial_id = tune.get_context().get_trial_id()
-    started = time.perf_counter()
-    outcome = train(config, tags={"curvlt.sweep": sweep_id, "curvlt.trial": trial_id, "curvlt.space": space.name},
-                    run_key=f"{sweep_id}/{trial_id}", callbacks=[TuneReportCallback()])
-    if space.metric not in outcome.final_metrics:
-        raise RuntimeError(f"trial {trial_id} finished without metric {space.metric!r}")
-    if outcome.trained:
-        client(outcome.tracking_uri).log_metric(outcome.run_id, "time/trial_s", time.perf_counter() - started)
-    else:  # finished before an interruption: Tune still needs its result
-        tune.report(outcome.final_metrics)
 
 
 def _scheduler(space: SearchSpace, epochs: int):
@@ -78,7 +59,7 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> tup
     folder = latest_sweep(space) if resume else sweeps_root() / f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_id = folder.name
     ensure_ray()
-    trainable = tune.with_resources(tune.with_parameters(run_trial, space=space, cli_overrides=cli_overrides,
+    trainable = tune.with_resources(tune.with_parameters(SweepTrial, space=space, cli_overrides=cli_overrides,
                                                          sweep_id=sweep_id), TRIAL_DRIVER_RESOURCES)
     if resume:
         if not tune.Tuner.can_restore(str(folder)):
@@ -91,7 +72,10 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> tup
                                         max_concurrent_trials=space.max_concurrent_trials or None,
                                         scheduler=_scheduler(space, first.train.epochs)),
             run_config=tune.RunConfig(name=sweep_id, storage_path=str(folder.parent), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=1)))
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      # A trial's state is its Ray Train checkpoint and MLflow run;
+                                      # Tune has nothing of its own to save.
+                                      checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)))
     print(f"[curvlt] sweep {sweep_id}: MLflow experiment {first.mlflow.experiment!r}; "
           f"resume after an interruption with: curvlt tune {space.name} --resume", flush=True)
     results = tuner.fit()

@@ -5,6 +5,7 @@ then plots and a summary read back from MLflow."""
 from __future__ import annotations
 
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +33,14 @@ def run_storage(config: ExperimentConfig) -> str:
 
 
 def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key: str | None = None,
-          callbacks: list | None = None) -> TrainingOutcome:
+          callbacks: list | None = None, stopping: threading.Event | None = None) -> TrainingOutcome:
     """Train one configuration end to end; the MLflow run ends FINISHED or FAILED.
 
     ``run_key`` names a run that may already exist (a sweep trial being resumed): its MLflow run is
     reused — or, if it already FINISHED, returned without training — and its Ray Train run of the
-    same name resumes from its latest checkpoint. ``callbacks`` go to Ray Train (e.g. Tune's).
+    same name resumes from its latest checkpoint. ``callbacks`` go to Ray Train (e.g. a sweep
+    trial's relay). If the run fails once ``stopping`` is set (its sweep trial aborted it), or on
+    Ctrl-C, it ends KILLED rather than FAILED: stopped, not broken, and resumable.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -72,7 +75,8 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
     try:
         result = trainer.fit()
     except BaseException:
-        finish_run(uri, run_id, "FAILED" if not _interrupted() else "KILLED", {})
+        stopped = _interrupted() or (stopping is not None and stopping.is_set())
+        finish_run(uri, run_id, "KILLED" if stopped else "FAILED", {})
         raise
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     log_plots(uri, run_id, config)

@@ -50,6 +50,21 @@ def test_tiny_sweep_then_compare_json(tmp_path):
     assert (tmp_path / "curvlt_compare" / "X" / "accuracy_vs_weight.png").is_file()
 
 
+def test_asha_stops_trials_early_and_releases_their_workers(tmp_path):
+    # Two CPUs, two concurrent one-CPU trials: had a stopped trial kept its Ray Train workers, the
+    # later trials could never start (WorkerGroupStartupTimeoutError) and the sweep would fail.
+    result = curvlt("tune", str(SPACES / "asha.yaml"), cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "4 TERMINATED" in result.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    epochs = {run.info.status: [] for run in sweep_runs(tmp_path / "mlflow.db", "asha-sweep")}
+    for run in sweep_runs(tmp_path / "mlflow.db", "asha-sweep"):
+        epochs[run.info.status].append(len(client.get_metric_history(run.info.run_id, "test/acc")))
+    assert set(epochs) == {"FINISHED", "KILLED"}, epochs  # stopped trials end KILLED, not FAILED
+    assert sum(map(len, epochs.values())) == 4
+    assert all(n == 6 for n in epochs["FINISHED"]) and all(n < 6 for n in epochs["KILLED"]), epochs
+
+
 def test_interrupted_sweep_resumes_remaining_trials(tmp_path):
     process = subprocess.Popen([CURVLT, "tune", str(SPACES / "four.yaml")], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
@@ -98,12 +113,13 @@ def ray_head(tmp_path):
     port, dashboard = free_port(), free_port()
     ray = str(Path(sys.executable).with_name("ray"))
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # shared with the client
+    loopback = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # else Ray binds the machine's external address
     log = open(tmp_path / "ray-head.log", "w")
     head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
                              "--num-cpus=2", "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True,  # the head runs as from an activated environment:
-                            env={**os.environ, **auth, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+                            env={**os.environ, **auth, **loopback, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 180
     while True:
