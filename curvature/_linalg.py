@@ -57,6 +57,7 @@ class _SymmetricEigh(torch.autograd.Function):
     def forward(ctx, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         evals, evecs = _eigh_forward(matrices)
         ctx.save_for_backward(evals, evecs)
+        ctx.set_materialize_grads(False)  # eigenvalues alone: no eigenvector term to compute
         return evals, evecs
 
     @staticmethod

@@ -72,24 +72,33 @@ def tangent_bases(points: torch.Tensor, indices: torch.Tensor, spectra: LocalSpe
     """(n, d, p) orthonormal tangent bases, one basis vector per row: the top-``d`` right singular
     vectors of each patch (rows, so that every later product is a plain contiguous ``bmm``).
 
-    Via the patch Gram ``Y Yᵀ = U Λ Uᵀ`` they are ``Yᵀ U Λ^{-1/2}``; a direction with no variance
-    (fewer distinct points than ``d + 1``) gets a zero column instead of a division by zero.
+    Via the patch Gram ``Y Yᵀ = U Λ Uᵀ`` they are ``Yᵀ U Λ^{-1/2}``. A direction with no variance
+    (fewer distinct points than ``d + 1``) gets a zero row: it is not a direction of the data (and
+    via the patch Gram it would be a division by zero).
     """
-    if not spectra.via_patch_gram:
-        return spectra.evecs[..., :dim].mT
+    if not spectra.via_patch_gram:  # covariance eigenvectors are unit already; keep only directions with variance
+        return spectra.evecs[..., :dim].mT * tangent_scales(spectra.evals, dim)[1][..., None].to(points.dtype)
     n, p = points.shape
     # Filled in place rather than concatenated: at n = 50,000, p = 512, d = 18 the bases alone
     # are 1.8 GB, and a list-then-cat would hold them twice.
     bases = points.new_empty(n, dim, p)
     for rows in chunk_ranges(n, indices.shape[1] * p):
         patch = centred_patches(points, indices, rows)
-        top_evals = spectra.evals[rows, :dim]
-        floor = spectra.evals[rows, :1].detach() * (100 * torch.finfo(points.dtype).eps)
-        has_variance = (top_evals > floor) & (top_evals > 0)
-        inv_sqrt = torch.where(has_variance, torch.where(has_variance, top_evals, torch.ones_like(top_evals)).rsqrt(),
-                               torch.zeros_like(top_evals))
+        inv_sqrt, _ = tangent_scales(spectra.evals[rows], dim)
         bases[rows] = (spectra.evecs[rows, :, :dim].mT @ patch) * inv_sqrt[:, :, None]
     return bases
+
+
+def tangent_scales(evals: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Λ^{-1/2}`` of the top ``dim`` patch eigenvalues (descending ``evals``), which turns patch
+    Gram eigenvectors into unit tangent directions, and the mask of directions that have variance
+    (above ``100·eps`` of the largest); a direction without variance gets scale 0, not 1/0."""
+    top = evals[:, :dim]
+    floor = evals[:, :1].detach() * (100 * torch.finfo(evals.dtype).eps)
+    has_variance = (top > floor) & (top > 0)
+    inv_sqrt = torch.where(has_variance, torch.where(has_variance, top, torch.ones_like(top)).rsqrt(),
+                           torch.zeros_like(top))
+    return inv_sqrt, has_variance
 
 
 def intrinsic_dim_from_neighbours(points: torch.Tensor, indices: torch.Tensor) -> int:

@@ -9,7 +9,9 @@ explicit balance term. This formulation is curvlt's; the paper's exact term was 
 
 All classes go through the geometry engine in one batch: classes are padded to a common length,
 neighbours are found per class with one batched distance computation, and the per-point estimator
-(:func:`curvature.rotation.pointwise_curvature`) runs once over every point of every class.
+runs once over every point of every class in its kernel form
+(:func:`curvature.gram_rotation.gram_angle_curvature`), which works on the class clouds' Gram
+matrices so that no per-neighbour tensor has the feature dimension in it.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from curvature.local_pca import local_spectra
+from curvature.gram_rotation import gram_angle_curvature
 from curvature.queue import ClassFeatureQueue, GatherFn, gather_from_all_workers, rank_within_class
-from curvature.rotation import TangentDim, pointwise_curvature, resolve_tangent_dim
+from curvature.rotation import TangentDim
 
 
 @dataclass
@@ -116,16 +118,14 @@ class CurvatureRegularizer(nn.Module):
         curvature = features.new_zeros(self.num_classes)
         width = clouds.shape[1]
         slots = _neighbours_within_class(clouds, valid, self.k)  # (C', M, k)
-        # Flatten the valid slots of all classes into one cloud with global neighbour indices.
+        # Number the valid slots of all classes as one list; neighbours become rows of that list.
         flat_valid = valid.flatten()
-        compact = torch.cumsum(flat_valid, 0) - 1  # slot -> row in the compact cloud
+        members = torch.nonzero(flat_valid).flatten()
+        row_of_slot = torch.cumsum(flat_valid, 0) - 1
         offsets = (torch.arange(clouds.shape[0], device=features.device) * width)[:, None, None]
-        points = clouds.flatten(0, 1)[flat_valid]
-        neighbours = compact[(slots + offsets).flatten(0, 1)[flat_valid]]
-        owner = torch.arange(clouds.shape[0], device=features.device).repeat_interleave(width)[flat_valid]
-        spectra = local_spectra(points, neighbours)
-        dim = resolve_tangent_dim(self.tangent_dim, spectra.evals, self.k, points.shape[1])
-        angle, _ = pointwise_curvature(points, neighbours, dim, spectra)
+        neighbours = row_of_slot[(slots + offsets).flatten(0, 1)[flat_valid]]
+        owner = members // width
+        angle, dim = gram_angle_curvature(clouds, members, neighbours, self.tangent_dim)
         class_angle = torch.zeros(classes.numel(), dtype=angle.dtype, device=angle.device).index_add(0, owner, angle)
         class_angle = class_angle / torch.bincount(owner, minlength=classes.numel())
         normalised = (class_angle / (math.sqrt(dim) * math.pi / 2)).clamp(0, 1)  # g_c

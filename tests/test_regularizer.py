@@ -96,8 +96,8 @@ def test_zero_weight_does_no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("curvature work at weight 0")
 
-    monkeypatch.setattr(module, "pointwise_curvature", forbidden)
-    monkeypatch.setattr(module, "local_spectra", forbidden)
+    monkeypatch.setattr(module, "gram_angle_curvature", forbidden)
+    monkeypatch.setattr(module, "_class_clouds", forbidden)
     cr = CurvatureRegularizer(2, 4, weight=0.0)
     features = torch.randn(16, 4, requires_grad=True)
     result = cr(features, torch.tensor([0, 1] * 8), epoch=5)
