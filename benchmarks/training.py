@@ -11,6 +11,7 @@ Q = 128, k = 10.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -68,8 +69,11 @@ def compare(name: str, model, loss_fn, cr_config: CRConfig, num_classes: int, ba
           f"{dim} | {t_base * 1e3:.1f} | {t_cr * 1e3:.1f} | {t_cr / t_base:.2f} | {queue_mb:.2f} |")
 
 
-def config_row(config_name: str, steps: int) -> None:
+def config_row(config_name: str, steps: int, tangent_dim: int | None = None) -> None:
+    """One row for a bundled config; ``tangent_dim`` replaces its CR tangent dimension ("auto")."""
     config = load_config(config_name)
+    if tangent_dim is not None:
+        config.cr = dataclasses.replace(config.cr, tangent_dim=tangent_dim)
     data = build_dataset(config.dataset, config.seed)
     torch.manual_seed(0)
     model = create_model(config.model.name, data.input_shape, data.num_classes)
@@ -106,6 +110,8 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in ("digits_lt", "fashion_mnist_lt"):
         config_row(name, args.steps)
+    for tangent_dim in (2, 4):  # the cost of the per-pair eigen-problems, which grow with d
+        config_row("fashion_mnist_lt", args.steps, tangent_dim)
     gpu_row(args.steps)
 
 

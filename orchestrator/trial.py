@@ -123,7 +123,9 @@ class SweepTrial(tune.Trainable):
             try:
                 kind, value = self.channel.get_nowait()
             except Empty:
-                return  # nothing reported yet: no workers started, nothing to release
+                # Nothing reported yet, so no scheduler can have stopped this trial: the whole
+                # sweep is ending, and its driver's exit releases the run with everything else.
+                return
             if kind == "controller":
                 self.controller = value
         try:
