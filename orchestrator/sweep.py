@@ -17,8 +17,12 @@ from orchestrator.trainer import run_storage
 from orchestrator.trial import SweepTrial
 
 
-def sweeps_root() -> Path:
-    return (Path.cwd() / "curvlt_runs" / "sweeps").resolve()
+def sweeps_root(storage: str) -> Path:
+    """Tune's state of every sweep, next to the trials' Ray Train runs (``checkpoint.storage_path``,
+    by default ./curvlt_runs): on a cluster, shared storage keeps ``--resume`` possible from any node.
+    With a URI (s3://...) for the runs, sweep state stays in ./curvlt_runs, where ``--resume`` can
+    find it."""
+    return Path(storage if "://" not in storage else "curvlt_runs").resolve() / "sweeps"
 
 
 def _scheduler(space: SearchSpace, epochs: int):
@@ -31,10 +35,10 @@ def _scheduler(space: SearchSpace, epochs: int):
     return FIFOScheduler()
 
 
-def latest_sweep(space: SearchSpace) -> Path:
-    candidates = sorted(sweeps_root().glob(f"{space.name}-*"), key=lambda p: p.stat().st_mtime)
+def latest_sweep(space: SearchSpace, root: Path) -> Path:
+    candidates = sorted(root.glob(f"{space.name}-*"), key=lambda p: p.stat().st_mtime)
     if not candidates:
-        raise UserError(f"--resume: no earlier sweep of {space.name!r} under {sweeps_root()}")
+        raise UserError(f"--resume: no earlier sweep of {space.name!r} under {root}")
     return candidates[-1]
 
 
@@ -56,7 +60,8 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> tup
     experiment_id(uri, first.mlflow.experiment)
     # Trials run in Tune's trial folders, so relative locations are resolved here, once.
     cli_overrides = [f"mlflow.tracking_uri={uri}", f"checkpoint.storage_path={run_storage(first)}", *cli_overrides]
-    folder = latest_sweep(space) if resume else sweeps_root() / f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = sweeps_root(run_storage(first))
+    folder = latest_sweep(space, root) if resume else root / f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_id = folder.name
     ensure_ray()
     trainable = tune.with_resources(tune.with_parameters(SweepTrial, space=space, cli_overrides=cli_overrides,

@@ -29,7 +29,9 @@ class TrainingOutcome:
 
 
 def run_storage(config: ExperimentConfig) -> str:
-    return str(Path(config.checkpoint.storage_path or "curvlt_runs").expanduser().resolve())
+    """Where Ray Train keeps the run: a local folder made absolute, or a URI (s3://...) as given."""
+    storage = config.checkpoint.storage_path or "curvlt_runs"
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
 def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key: str | None = None,

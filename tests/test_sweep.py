@@ -118,7 +118,7 @@ def ray_head(tmp_path):
     head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
                              "--num-cpus=2", "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True,  # the head runs as from an activated environment:
+                            cwd=tmp_path, start_new_session=True,  # as from an activated environment:
                             env={**os.environ, **auth, **loopback, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 180
