@@ -75,6 +75,9 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
         return
+    # One machine: no node can be preempted, so no watcher actor per run (its start-up also logs
+    # an internal error line from Ray 2.60's core worker).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # address="local": always a fresh instance of our own, never one left behind by `ray start`.
     with _loopback_only():
         ray.init(address="local", include_dashboard=os.environ.get(DASHBOARD_ENV) == "1", _node_ip_address="127.0.0.1",
