@@ -1,8 +1,9 @@
 """Sweeps on Ray Tune (SPEC §8): each trial (:class:`orchestrator.trial.SweepTrial`) is one Ray Train
 run of :func:`orchestrator.trainer.train`, reported to Tune epoch by epoch (so ASHA can stop it
-early), tracked as one MLflow run tagged with the sweep and trial ids. An interrupted sweep resumes its unfinished trials: Tune restores the
-sweep, each restarted trial finds its MLflow run by key and its Ray Train run resumes from its
-latest checkpoint — so the experiment ends with exactly one finished run per trial."""
+early), tracked as one MLflow run tagged with the sweep and trial ids. An interrupted sweep resumes
+its unfinished trials: Tune restores the sweep, each restarted trial finds its MLflow run by key and
+its Ray Train run resumes from its latest checkpoint — so the experiment ends with exactly one
+finished run per trial."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from orchestrator.errors import UserError
 from orchestrator.ray_env import ensure_ray
 from orchestrator.search_space import SearchSpace, trial_config, tune_param_space
 from orchestrator.tracking import check_reachable, experiment_id, resolve_tracking_uri
-from orchestrator.trainer import run_storage
+from orchestrator.trainer import is_uri, run_storage
 from orchestrator.trial import SweepTrial
 
 
@@ -22,7 +23,7 @@ def sweeps_root(storage: str) -> Path:
     by default ./curvlt_runs): on a cluster, shared storage keeps ``--resume`` possible from any node.
     With a URI (s3://...) for the runs, sweep state stays in ./curvlt_runs, where ``--resume`` can
     find it."""
-    return Path(storage if "://" not in storage else "curvlt_runs").resolve() / "sweeps"
+    return Path("curvlt_runs" if is_uri(storage) else storage).resolve() / "sweeps"
 
 
 def _scheduler(space: SearchSpace, epochs: int):
@@ -59,8 +60,9 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> tup
     # at the same time race ("table _alembic_tmp_tags already exists").
     experiment_id(uri, first.mlflow.experiment)
     # Trials run in Tune's trial folders, so relative locations are resolved here, once.
-    cli_overrides = [f"mlflow.tracking_uri={uri}", f"checkpoint.storage_path={run_storage(first)}", *cli_overrides]
-    root = sweeps_root(run_storage(first))
+    storage = run_storage(first)
+    cli_overrides = [f"mlflow.tracking_uri={uri}", f"checkpoint.storage_path={storage}", *cli_overrides]
+    root = sweeps_root(storage)
     folder = latest_sweep(space, root) if resume else root / f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_id = folder.name
     ensure_ray()

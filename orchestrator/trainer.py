@@ -28,15 +28,20 @@ class TrainingOutcome:
     trained: bool = True  # False: the run had already finished (a resumed sweep's done trial)
 
 
+def is_uri(storage: str) -> bool:
+    """A storage location such as s3://bucket/runs rather than a local folder."""
+    return "://" in storage
+
+
 def run_storage(config: ExperimentConfig) -> str:
     """Where Ray Train keeps the run: a local folder made absolute, or a URI (s3://...) as given."""
     storage = config.checkpoint.storage_path or "curvlt_runs"
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
 
 
 def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key: str | None = None,
           callbacks: list | None = None, stopping: threading.Event | None = None) -> TrainingOutcome:
-    """Train one configuration end to end; the MLflow run ends FINISHED or FAILED.
+    """Train one configuration end to end; the MLflow run ends FINISHED, FAILED or KILLED.
 
     ``run_key`` names a run that may already exist (a sweep trial being resumed): its MLflow run is
     reused — or, if it already FINISHED, returned without training — and its Ray Train run of the
