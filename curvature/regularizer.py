@@ -8,10 +8,10 @@
 explicit balance term. This formulation is curvlt's; the paper's exact term was not published.
 
 All classes go through the geometry engine in one batch: classes are padded to a common length,
-neighbours are found per class with one batched distance computation, and the per-point estimator
-runs once over every point of every class in its kernel form
-(:func:`curvature.gram_rotation.gram_angle_curvature`), which works on the class clouds' Gram
-matrices so that no per-neighbour tensor has the feature dimension in it.
+their Gram matrices are formed once, and from them come both the neighbours within each class and
+the per-point estimator over every point of every class, in its kernel form
+(:func:`curvature.gram_rotation.gram_angle_curvature`), so that no per-neighbour tensor has the
+feature dimension in it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from curvature.gram_rotation import gram_angle_curvature
+from curvature.gram_rotation import cloud_grams, gram_angle_curvature, neighbours_from_grams
 from curvature.queue import ClassFeatureQueue, GatherFn, gather_from_all_workers, rank_within_class
 from curvature.rotation import TangentDim
 
@@ -52,15 +52,6 @@ def _class_clouds(features: torch.Tensor, labels: torch.Tensor, queue: ClassFeat
     valid[labels, queue_size + ranks] = True
     eligible = torch.nonzero(valid.sum(dim=1) >= min_points).flatten()
     return padded[eligible], valid[eligible], eligible
-
-
-def _neighbours_within_class(clouds: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
-    """(C', M, k) neighbour slots of every slot among the valid slots of its own class."""
-    with torch.no_grad():
-        dist = torch.cdist(clouds, clouds)
-        dist.masked_fill_(~valid[:, None, :], float("inf"))
-        dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-        return dist.topk(k, dim=2, largest=False).indices
 
 
 class CurvatureRegularizer(nn.Module):
@@ -117,15 +108,16 @@ class CurvatureRegularizer(nn.Module):
         measured = torch.zeros(self.num_classes, dtype=torch.bool, device=features.device)
         curvature = features.new_zeros(self.num_classes)
         width = clouds.shape[1]
-        slots = _neighbours_within_class(clouds, valid, self.k)  # (C', M, k)
-        # Number the valid slots of all classes as one list; neighbours become rows of that list.
         flat_valid = valid.flatten()
-        members = torch.nonzero(flat_valid).flatten()
+        members = torch.nonzero(flat_valid).flatten()  # flat slots of the valid points
+        grams = cloud_grams(clouds, members)
+        slots = neighbours_from_grams(grams, valid, self.k)  # (C', M, k)
+        # Number the valid slots of all classes as one list; neighbours become rows of that list.
         row_of_slot = torch.cumsum(flat_valid, 0) - 1
         offsets = (torch.arange(clouds.shape[0], device=features.device) * width)[:, None, None]
         neighbours = row_of_slot[(slots + offsets).flatten(0, 1)[flat_valid]]
         owner = members // width
-        angle, dim = gram_angle_curvature(clouds, members, neighbours, self.tangent_dim)
+        angle, dim = gram_angle_curvature(grams, members, neighbours, self.tangent_dim, clouds.shape[2], features.dtype)
         class_angle = torch.zeros(classes.numel(), dtype=angle.dtype, device=angle.device).index_add(0, owner, angle)
         class_angle = class_angle / torch.bincount(owner, minlength=classes.numel())
         normalised = (class_angle / (math.sqrt(dim) * math.pi / 2)).clamp(0, 1)  # g_c

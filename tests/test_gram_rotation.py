@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from curvature import manifolds
-from curvature.gram_rotation import gram_angle_curvature
+from curvature.gram_rotation import cloud_grams, gram_angle_curvature, neighbours_from_grams
 from curvature.local_pca import local_spectra
 from curvature.neighbours import knn_indices
 from curvature.rotation import pointwise_curvature, resolve_tangent_dim
@@ -18,6 +18,12 @@ def points_form(points: torch.Tensor, indices: torch.Tensor, tangent_dim="auto")
     spectra = local_spectra(points, indices)
     dim = resolve_tangent_dim(tangent_dim, spectra.evals, indices.shape[1], points.shape[1])
     return pointwise_curvature(points, indices, dim, spectra)[0], dim
+
+
+def kernel_form(clouds: torch.Tensor, members: torch.Tensor, indices: torch.Tensor, tangent_dim,
+                angle_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, int]:
+    return gram_angle_curvature(cloud_grams(clouds, members), members, indices, tangent_dim, clouds.shape[2],
+                                angle_dtype)
 
 
 def clouds(rng) -> list[torch.Tensor]:
@@ -33,7 +39,7 @@ def test_equals_the_points_form(which, rng):
     points = clouds(rng)[which]
     indices = knn_indices(points, 8, "torch")
     expected, dim = points_form(points, indices)
-    angle, gram_dim = gram_angle_curvature(points[None], torch.arange(len(points)), indices, "auto")
+    angle, gram_dim = kernel_form(points[None], torch.arange(len(points)), indices, "auto")
     assert gram_dim == dim
     torch.testing.assert_close(angle, expected, rtol=1e-6, atol=1e-7)
 
@@ -44,7 +50,7 @@ def test_float32_keeps_small_angles(rng):
     points = torch.tensor(manifolds.sphere(400, 2, 3.0, 20, rng)) + 5.0
     indices = knn_indices(points, 10, "torch")
     expected, _ = points_form(points, indices, 2)
-    angle, _ = gram_angle_curvature(points.float()[None], torch.arange(400), indices, 2)
+    angle, _ = kernel_form(points.float()[None], torch.arange(400), indices, 2, torch.float32)
     assert float((angle.double() - expected).abs().max()) < 1e-6
 
 
@@ -59,7 +65,7 @@ def test_padded_batch_of_clouds_equals_each_cloud_alone(rng):
         neighbours.append(indices + sum(sizes[:c]))
         members.append(torch.arange(size) + c * width)
         expected.append(points_form(points, indices, 3)[0])
-    angle, _ = gram_angle_curvature(batch, torch.cat(members), torch.cat(neighbours), 3)
+    angle, _ = kernel_form(batch, torch.cat(members), torch.cat(neighbours), 3)
     torch.testing.assert_close(angle, torch.cat(expected), rtol=1e-6, atol=1e-8)
 
 
@@ -72,5 +78,17 @@ def test_same_jacobian_as_the_points_form(rng):
     points = torch.tensor(rng.normal(size=(30, 8)))
     indices = knn_indices(points, 5, "torch")
     expected = jacobian(lambda x: points_form(x, indices, 2)[0], points)
-    actual = jacobian(lambda x: gram_angle_curvature(x[None], torch.arange(30), indices, 2)[0], points)
+    actual = jacobian(lambda x: kernel_form(x[None], torch.arange(30), indices, 2)[0], points)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_neighbours_from_grams_are_the_exact_neighbours(rng):
+    """CR ranks neighbours by distances read off the Gram matrices; padding is never a neighbour."""
+    sizes, width = [40, 25, 33], 45
+    batch = torch.tensor(rng.normal(size=(3, width, 12))) + 7.0  # far from the origin
+    valid = torch.arange(width)[None, :] < torch.tensor(sizes)[:, None]
+    members = torch.nonzero(valid.flatten()).flatten()
+    found = neighbours_from_grams(cloud_grams(batch, members), valid, 5)
+    for c, size in enumerate(sizes):
+        expected = knn_indices(batch[c, :size], 5, "torch")
+        assert torch.equal(found[c, :size].sort(dim=1).values, expected.sort(dim=1).values)
