@@ -15,7 +15,7 @@ where ``R = T_j - (T_j T_iᵀ) T_i`` is the part of ``T_j`` outside ``T_i`` and 
 non-zero rows of ``T_j``; the eigenvalues of ``R Rᵀ`` are the sin² of the principal angles.
 ``S_i`` is computed once per point, so each neighbour pair costs one (d x m)(m x d) product.
 The Gram matrices are in float64: centring inside a Gram matrix subtracts nearly equal numbers,
-and the (m x m) tensors here are small enough for double precision to cost little. One difference
+and the tensors here (at most points x m x W) are small enough for double precision to cost little. One difference
 from the points form remains: ``diag(h) - M Mᵀ`` is formed from cosines, so an angle near 0 is
 resolved only to about sqrt(eps) of the precision of the final eigenvalues (3e-4 rad in float32,
 1.5e-8 in float64), where the points form resolves it fully; for the class curvatures CR works with
@@ -68,12 +68,12 @@ def gram_angle_curvature(grams: torch.Tensor, members: torch.Tensor, indices: to
     bounds an explicit ``tangent_dim``. Differentiable with respect to ``grams``; the final
     (per-pair) eigenvalues are taken in ``angle_dtype``, everything before in float64.
     """
-    clouds, width = grams.shape[0], grams.shape[1]
+    num_clouds, width = grams.shape[0], grams.shape[1]
     n, k = indices.shape
     m = k + 1
     block, slot = members // width, members % width
     patches = torch.cat([slot[:, None], slot[indices]], dim=1)  # (n, m) slots of {i} ∪ N(i)
-    rows = grams.reshape(clouds * width, width).index_select(0, (block[:, None] * width + patches).flatten())
+    rows = grams.reshape(num_clouds * width, width).index_select(0, (block[:, None] * width + patches).flatten())
     rows = rows.reshape(n, m, width)  # K[P_i, :]
     evals, evecs = symmetric_eigh(_centre(rows.gather(2, patches[:, None, :].expand(n, m, m))))
     evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending
