@@ -96,7 +96,8 @@ def _centre(gram: torch.Tensor) -> torch.Tensor:
 
 
 def _centre_columns(coefficients: torch.Tensor) -> torch.Tensor:
-    """``H W``: each column minus its mean over the patch."""
+    """``H U Λ^{-1/2}``: each column minus its mean over the patch, which moves the patch's centring
+    into the coefficients (``T_i = A_iᵀ X[P_i]``, no centred points needed)."""
     return coefficients - coefficients.mean(dim=1, keepdim=True)
 
 
