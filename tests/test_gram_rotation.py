@@ -69,7 +69,8 @@ def test_padded_batch_of_clouds_equals_each_cloud_alone(rng):
     torch.testing.assert_close(angle, torch.cat(expected), rtol=1e-6, atol=1e-8)
 
 
-def test_same_jacobian_as_the_points_form(rng):
+@pytest.mark.parametrize("dim", [2, 3])  # pair eigenvalues in closed form (2) or from eigh (3)
+def test_same_jacobian_as_the_points_form(dim, rng):
     """The points form is gradchecked (test_tangent_rotation); the kernel form must have the same
     Jacobian. (A direct gradcheck would trip on neighbours with identical patches, whose angles
     are exactly 0 and which the kernel form resolves only to sqrt(eps), see the module doc.)"""
@@ -77,8 +78,8 @@ def test_same_jacobian_as_the_points_form(rng):
 
     points = torch.tensor(rng.normal(size=(30, 8)))
     indices = knn_indices(points, 5, "torch")
-    expected = jacobian(lambda x: points_form(x, indices, 2)[0], points)
-    actual = jacobian(lambda x: kernel_form(x[None], torch.arange(30), indices, 2)[0], points)
+    expected = jacobian(lambda x: points_form(x, indices, dim)[0], points)
+    actual = jacobian(lambda x: kernel_form(x[None], torch.arange(30), indices, dim)[0], points)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
