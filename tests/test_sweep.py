@@ -57,9 +57,9 @@ def test_asha_stops_trials_early_and_releases_their_workers(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "4 TERMINATED" in result.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    epochs = {run.info.status: [] for run in sweep_runs(tmp_path / "mlflow.db", "asha-sweep")}
+    epochs: dict[str, list[int]] = {}
     for run in sweep_runs(tmp_path / "mlflow.db", "asha-sweep"):
-        epochs[run.info.status].append(len(client.get_metric_history(run.info.run_id, "test/acc")))
+        epochs.setdefault(run.info.status, []).append(len(client.get_metric_history(run.info.run_id, "test/acc")))
     assert set(epochs) == {"FINISHED", "KILLED"}, epochs  # stopped trials end KILLED, not FAILED
     assert sum(map(len, epochs.values())) == 4
     assert all(n == 6 for n in epochs["FINISHED"]) and all(n < 6 for n in epochs["KILLED"]), epochs
