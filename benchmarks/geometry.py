@@ -12,6 +12,7 @@ GPU is present.
 
     python benchmarks/geometry.py            # everything (about 3 minutes on 2 cores)
     python benchmarks/geometry.py --quick    # skip the memory and large kNN runs
+    python benchmarks/geometry.py --cuda-only  # the CUDA row alone (what benchmarks/gpu_check.sh runs)
 """
 
 from __future__ import annotations
@@ -186,8 +187,12 @@ def cuda_section() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the 50,000-point memory run and large kNN sizes")
+    parser.add_argument("--cuda-only", action="store_true", help="only the CUDA row (benchmarks/gpu_check.sh)")
     args = parser.parse_args()
     print(describe())
+    if args.cuda_only:
+        cuda_section()
+        return
     speed_section(1500, 64, 15)
     class_geometry_section()
     noise_section()

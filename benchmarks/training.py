@@ -3,6 +3,7 @@ model, batch and data, timed side by side in one process, plus the feature queue
 
     python benchmarks/training.py                 # CPU rows for the digits and Fashion-MNIST configs
     python benchmarks/training.py --steps 30      # more timed steps
+    python benchmarks/training.py --gpu-only      # the GPU row alone (what benchmarks/gpu_check.sh runs)
 
 CR switches on at ``cr.start_epoch`` (E0), so the rows marked "after E0" first train the model for
 E0 epochs with the base loss alone: that is the model CR meets in training, and its features have
@@ -127,15 +128,17 @@ def gpu_row(steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per pass (two passes each)")
+    parser.add_argument("--gpu-only", action="store_true", help="only the GPU row (benchmarks/gpu_check.sh)")
     args = parser.parse_args()
     print(describe())
     print("\n| config (model) | model | device | classes | batch | Q | k | tangent dim | base step (ms) | "
           "base + CR (ms) | ratio | queue (MiB) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    config_row("digits_lt", args.steps)
-    config_row("fashion_mnist_lt", args.steps, after_start_epoch=False)
-    config_row("fashion_mnist_lt", args.steps)
-    config_row("fashion_mnist_lt", args.steps, tangent_dim=2)  # the per-pair eigen-problems grow with d
+    if not args.gpu_only:
+        config_row("digits_lt", args.steps)
+        config_row("fashion_mnist_lt", args.steps, after_start_epoch=False)
+        config_row("fashion_mnist_lt", args.steps)
+        config_row("fashion_mnist_lt", args.steps, tangent_dim=2)  # the per-pair eigen-problems grow with d
     gpu_row(args.steps)
 
 

@@ -54,16 +54,16 @@ def test_float32_keeps_small_angles(rng):
     assert float((angle.double() - expected).abs().max()) < 1e-6
 
 
-def test_padded_batch_of_clouds_equals_each_cloud_alone(rng):
+def test_padded_batch_of_clouds_equals_each_cloud_alone(rng, device):
     """Several clouds of different sizes in one padded tensor, with junk in the padding."""
     sizes, width, dim = [40, 25, 33], 45, 6
-    batch = torch.tensor(rng.normal(size=(3, width, dim)))
+    batch = torch.tensor(rng.normal(size=(3, width, dim)), device=device)
     members, neighbours, expected = [], [], []
     for c, size in enumerate(sizes):
         points = batch[c, :size]
         indices = knn_indices(points, 6, "torch")
         neighbours.append(indices + sum(sizes[:c]))
-        members.append(torch.arange(size) + c * width)
+        members.append(torch.arange(size, device=device) + c * width)
         expected.append(points_form(points, indices, 3)[0])
     angle, _ = kernel_form(batch, torch.cat(members), torch.cat(neighbours), 3)
     torch.testing.assert_close(angle, torch.cat(expected), rtol=1e-6, atol=1e-8)

@@ -43,11 +43,11 @@ def test_bad_labels_are_refused():
         queue.enqueue(torch.zeros(1, 3), torch.tensor([2]))
 
 
-def test_loss_matches_its_definition(rng):
+def test_loss_matches_its_definition(rng, device):
     """One class on a known sphere: L_CR = -log(1 - g + eps), g = a / (sqrt(d) pi/2)."""
     points = torch.tensor(manifolds.sphere(200, 2, 1.0, 6, rng), dtype=torch.float32)
-    cr = CurvatureRegularizer(1, 6, weight=1.0, k=10, queue_size=8, tangent_dim=2)
-    result = cr(points, torch.zeros(200, dtype=torch.long), epoch=0)
+    cr = CurvatureRegularizer(1, 6, weight=1.0, k=10, queue_size=8, tangent_dim=2).to(device)
+    result = cr(points.to(device), torch.zeros(200, dtype=torch.long, device=device), epoch=0)
     expected_angle = float(tangent_rotation(points, k=10, tangent_dim=2).mean_angle)
     g = expected_angle / (math.sqrt(2) * math.pi / 2)
     assert float(result.class_curvature[0]) == pytest.approx(g, rel=1e-4)
@@ -66,14 +66,14 @@ def test_balance_term_and_flatter_is_lower(rng):
     assert float(balanced.loss) == pytest.approx(float(plain.loss) + float(g.std(unbiased=False)), rel=1e-5)
 
 
-def test_finite_loss_and_gradients_with_tiny_and_degenerate_classes():
+def test_finite_loss_and_gradients_with_tiny_and_degenerate_classes(device):
     torch.manual_seed(0)
-    cr = CurvatureRegularizer(5, 8, weight=1.0, k=5, queue_size=16)
+    cr = CurvatureRegularizer(5, 8, weight=1.0, k=5, queue_size=16).to(device)
     for step in range(6):
-        features = torch.randn(20, 8)
+        features = torch.randn(20, 8, device=device)
         features[:4] = features[0]  # duplicates
         features = features.requires_grad_(True)
-        labels = torch.tensor([0] * 12 + [1] * 6 + [2] + [3])  # class 4 never appears, 2 and 3 tiny
+        labels = torch.tensor([0] * 12 + [1] * 6 + [2] + [3], device=device)  # class 4 never appears, 2 and 3 tiny
         result = cr(features, labels, epoch=0)
         result.loss.backward()
         assert torch.isfinite(result.loss) and torch.isfinite(features.grad).all()
