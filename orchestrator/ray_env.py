@@ -28,6 +28,10 @@ _CHATTY_LOGGERS = {
 #: Set to 1 to start the local instance with its dashboard (on 127.0.0.1:8265).
 DASHBOARD_ENV = "CURVLT_RAY_DASHBOARD"
 
+#: How often Ray Train's controller polls its workers for reports (seconds), and curvlt's value for
+#: a local instance (Ray's default is 2 s); a value already in the environment is kept.
+TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
+
 #: Ray reads this once, on import, to decide whether a node may be part of a multi-machine cluster.
 _CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -77,6 +81,10 @@ def ensure_ray() -> None:
     # One machine: no node can be preempted, so no watcher actor per run (its start-up also logs
     # an internal error line from Ray 2.60's core worker).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # A worker's ray.train.report() waits until the controller has taken its previous result, and
+    # the controller looks every 2 s (Ray 2.60), so an epoch shorter than that waited for the
+    # poll. Polling a local worker group costs little; Ray Train passes this on to its controller.
+    os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
     # address="local": always a fresh instance of our own, never one left behind by `ray start`.
     with _loopback_only():
         ray.init(address="local", include_dashboard=os.environ.get(DASHBOARD_ENV) == "1", _node_ip_address="127.0.0.1",
