@@ -7,9 +7,11 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,18 @@ def sweep_runs(db: Path, experiment: str) -> list:
     client = MlflowClient(f"sqlite:///{db}")
     found = client.get_experiment_by_name(experiment)
     return [run for run in client.search_runs([found.experiment_id]) if run.data.tags.get("curvlt.trial")]
+
+
+def finished_trial_runs(db: Path) -> int:
+    """FINISHED trial runs in a store that a running sweep may still be creating, read with SQLite
+    alone (read-only): an MLflow client opening it then would set up MLflow's tables a second
+    time, concurrently, and can break the sweep's own set-up."""
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as store:
+            return store.execute("SELECT COUNT(*) FROM runs JOIN tags ON tags.run_uuid = runs.run_uuid "
+                                 "WHERE runs.status = 'FINISHED' AND tags.key = 'curvlt.trial'").fetchone()[0]
+    except sqlite3.Error:  # no file yet, or its tables are not there yet
+        return 0
 
 
 def test_tiny_sweep_then_compare_json(tmp_path):
@@ -70,15 +84,9 @@ def test_interrupted_sweep_resumes_remaining_trials(tmp_path):
                                stderr=subprocess.STDOUT, text=True)
     db = tmp_path / "mlflow.db"
     deadline = time.time() + 400
-    while time.time() < deadline and process.poll() is None:
-        if db.exists():
-            try:
-                if any(run.info.status == "FINISHED" for run in sweep_runs(db, "resume-sweep")):
-                    break
-            except Exception:  # the database may be mid-creation
-                pass
+    while time.time() < deadline and process.poll() is None and not finished_trial_runs(db):
         time.sleep(1)
-    assert process.poll() is None, "the sweep ended before it could be interrupted"
+    assert process.poll() is None, "the sweep ended before it could be interrupted:\n" + process.stdout.read()[-3000:]
     process.send_signal(signal.SIGINT)  # Ctrl-C
     output, _ = process.communicate(timeout=300)
     unfinished = [run for run in sweep_runs(db, "resume-sweep") if run.info.status != "FINISHED"]
