@@ -21,6 +21,10 @@ _MIN_PARALLEL_BATCH = 128
 #: workers then spin on the cores the training step needs (measured in a Fashion-MNIST training
 #: step: CR's backward took 14.3 ms after two large calls, 6.4 ms after calls of this size).
 _SERIAL_ELEMENTS = 16384
+#: Largest batch one CUDA eigh call takes: cuSOLVER's batched solver (cusolverDnXsyevBatched) fails
+#: with CUSOLVER_STATUS_INTERNAL_ERROR from 65,536 matrices on (seen for 3x3 to 11x11, float32 and
+#: float64, on an H200 with PyTorch 2.11 + CUDA 13), and CR's pair stage passes ~100,000 of them.
+_CUDA_MAX_BATCH = 65535
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -33,10 +37,15 @@ def _pool() -> ThreadPoolExecutor:
 
 def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh`` over a batch; on CPU split across threads, since LAPACK solves the
-    small matrices one at a time on one core (2x on the 2-core reference machine)."""
+    small matrices one at a time on one core (2x on the 2-core reference machine); on CUDA split
+    into batches cuSOLVER accepts."""
     flat = matrices.reshape(-1, *matrices.shape[-2:])
     workers = torch.get_num_threads()
-    if flat.device.type != "cpu" or workers < 2 or flat.shape[0] < _MIN_PARALLEL_BATCH or os.environ.get(
+    if flat.device.type == "cuda" and flat.shape[0] > _CUDA_MAX_BATCH:
+        parts = [torch.linalg.eigh(part) for part in flat.split(_CUDA_MAX_BATCH)]
+        evals = torch.cat([part[0] for part in parts])
+        evecs = torch.cat([part[1] for part in parts])
+    elif flat.device.type != "cpu" or workers < 2 or flat.shape[0] < _MIN_PARALLEL_BATCH or os.environ.get(
         "CURVLT_SERIAL_EIGH"
     ):
         evals, evecs = torch.linalg.eigh(flat)
