@@ -56,7 +56,8 @@ def timed_steps(model, loss_fn, cr, batches, weight: float, device: torch.device
     return times
 
 
-def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_classes: int, batches, device, amp: bool) -> None:
+def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_classes: int, batches, device,
+            amp: bool) -> CurvatureRegularizer:
     cr = CurvatureRegularizer(num_classes, model.feature_dim, weight=1.0, k=cr_config.k,
                               queue_size=cr_config.queue_size, tangent_dim=cr_config.tangent_dim).to(device)
     # Fill every queue first, so the timed steps see full class clouds as in steady-state training.
@@ -74,6 +75,23 @@ def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_clas
     dim = cr(model(batches[0][0].to(device))[0], batches[0][1].to(device), epoch=10**6).tangent_dim
     print(f"| {name} | {state} | {device.type} | {num_classes} | {len(batches[0][1])} | {cr_config.queue_size} | {cr_config.k} | "
           f"{dim} | {t_base * 1e3:.1f} | {t_cr * 1e3:.1f} | {t_cr / t_base:.2f} | {queue_mb:.2f} |")
+    return cr
+
+
+def host_bound(cr: CurvatureRegularizer, features: torch.Tensor, labels: torch.Tensor, repeats: int = 15) -> tuple[float, float]:
+    """Median wall time of CR's forward and backward alone on fixed features, and of the host's part
+    of it (until Python returns, before waiting for the GPU): when the two are close, CR's time on
+    the GPU is the time spent launching its kernels, not running them."""
+    features = features.detach().float().requires_grad_()
+    wall, host = [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        cr(features, labels, epoch=10**6).loss.backward()
+        host.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        wall.append(time.perf_counter() - start)
+    return statistics.median(wall[3:]), statistics.median(host[3:])
 
 
 def train_base(model, loss_fn, loader, config, epochs: int) -> None:
@@ -128,7 +146,16 @@ def gpu_row(steps: int) -> None:
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(128, 3, 32, 32, generator=generator), torch.randint(0, 100, (128,), generator=generator))
                for _ in range(steps)]
-    compare("resnet32, CIFAR-100-shaped", "init", model, loss_fn, CRConfig(queue_size=128, k=10), 100, batches, device, amp=True)
+    alone = {}
+    for tangent_dim in ("auto", 2):
+        cr = compare("resnet32, CIFAR-100-shaped", "init", model, loss_fn, CRConfig(queue_size=128, k=10, tangent_dim=tangent_dim),
+                     100, batches, device, amp=True)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            features = model(batches[0][0].to(device))[0]
+        alone[tangent_dim] = host_bound(cr, features, batches[0][1].to(device))
+    for tangent_dim, (wall, host) in alone.items():
+        print(f"\nGPU, tangent dim {tangent_dim}: CR's forward and backward alone {wall * 1e3:.1f} ms, "
+              f"of which the host returns after {host * 1e3:.1f} ms (launch-bound when these are close)")
 
 
 def main() -> None:
