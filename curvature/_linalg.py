@@ -40,19 +40,14 @@ def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     small matrices one at a time on one core (2x on the 2-core reference machine); on CUDA split
     into batches cuSOLVER accepts."""
     flat = matrices.reshape(-1, *matrices.shape[-2:])
-    workers = torch.get_num_threads()
-    if flat.device.type == "cuda" and flat.shape[0] > _CUDA_MAX_BATCH:
+    if flat.device.type == "cuda":
         parts = [torch.linalg.eigh(part) for part in flat.split(_CUDA_MAX_BATCH)]
-        evals = torch.cat([part[0] for part in parts])
-        evecs = torch.cat([part[1] for part in parts])
-    elif flat.device.type != "cpu" or workers < 2 or flat.shape[0] < _MIN_PARALLEL_BATCH or os.environ.get(
-        "CURVLT_SERIAL_EIGH"
-    ):
-        evals, evecs = torch.linalg.eigh(flat)
-    else:
+    elif (flat.device.type == "cpu" and torch.get_num_threads() >= 2 and flat.shape[0] >= _MIN_PARALLEL_BATCH
+          and not os.environ.get("CURVLT_SERIAL_EIGH")):
         parts = list(_pool().map(torch.linalg.eigh, flat.split(max(1, _SERIAL_ELEMENTS // flat[0].numel()))))
-        evals = torch.cat([part[0] for part in parts])
-        evecs = torch.cat([part[1] for part in parts])
+    else:
+        parts = [torch.linalg.eigh(flat)]
+    evals, evecs = parts[0] if len(parts) == 1 else (torch.cat(list(pieces)) for pieces in zip(*parts))
     failed = ~torch.isfinite(evals).all(dim=-1)
     if bool(failed.any()):
         # float32 syevd returns NaN on some exactly rank-deficient inputs (seen with quantised
