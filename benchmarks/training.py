@@ -78,7 +78,8 @@ def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_clas
     return cr
 
 
-def host_bound(cr: CurvatureRegularizer, features: torch.Tensor, labels: torch.Tensor, repeats: int = 15) -> tuple[float, float]:
+def host_bound(cr: CurvatureRegularizer, features: torch.Tensor, labels: torch.Tensor,
+               repeats: int = 15) -> tuple[float, float]:
     """Median wall time of CR's forward and backward alone on fixed features, and of the host's part
     of it (until Python returns, before waiting for the GPU): when the two are close, CR's time on
     the GPU is the time spent launching its kernels, not running them."""
@@ -148,8 +149,8 @@ def gpu_row(steps: int) -> None:
                for _ in range(steps)]
     alone = {}
     for tangent_dim in ("auto", 2):
-        cr = compare("resnet32, CIFAR-100-shaped", "init", model, loss_fn, CRConfig(queue_size=128, k=10, tangent_dim=tangent_dim),
-                     100, batches, device, amp=True)
+        cr_config = CRConfig(queue_size=128, k=10, tangent_dim=tangent_dim)
+        cr = compare("resnet32, CIFAR-100-shaped", "init", model, loss_fn, cr_config, 100, batches, device, amp=True)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
             features = model(batches[0][0].to(device))[0]
         alone[tangent_dim] = host_bound(cr, features, batches[0][1].to(device))
