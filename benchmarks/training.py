@@ -3,14 +3,14 @@ model, batch and data, timed side by side in one process, plus the feature queue
 
     python benchmarks/training.py                 # CPU rows for the digits and Fashion-MNIST configs
     python benchmarks/training.py --steps 30      # more timed steps
-    python benchmarks/training.py --gpu-only      # the GPU row alone (what benchmarks/gpu_check.sh runs)
+    python benchmarks/training.py --gpu-only      # the GPU rows alone (what benchmarks/gpu_check.sh runs)
 
 CR switches on at ``cr.start_epoch`` (E0), so the rows marked "after E0" first train the model for
 E0 epochs with the base loss alone: that is the model CR meets in training, and its features have
 a lower intrinsic dimension (a smaller "auto" tangent dimension) than a freshly initialised one.
 
-On a CUDA machine it adds the GPU row: ResNet-32, batch 128, CIFAR-100-shaped data, 100 classes,
-Q = 128, k = 10.
+On a CUDA machine it adds the GPU rows: ResNet-32, batch 128, CIFAR-100-shaped data, 100 classes,
+Q = 128, k = 10 (the training issue's target), and the bundled ImageNet-LT settings for scale.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -57,13 +58,18 @@ def timed_steps(model, loss_fn, cr, batches, weight: float, device: torch.device
 
 
 def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_classes: int, batches, device,
-            amp: bool) -> CurvatureRegularizer:
+            amp: bool, fill: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> CurvatureRegularizer:
+    """Print one table row. ``fill()``: one pass of (images, labels) whose features fill the queues,
+    called again while a class is short. It should yield distinct examples: in training a queue
+    holds features of different examples, or of one example at different steps, not exact copies,
+    which would make degenerate patches and a lower auto tangent dimension. (Only a class with
+    fewer than Q training examples, as in digits_lt's tail, still gets copies here.)"""
     cr = CurvatureRegularizer(num_classes, model.feature_dim, weight=1.0, k=cr_config.k,
                               queue_size=cr_config.queue_size, tangent_dim=cr_config.tangent_dim).to(device)
     # Fill every queue first, so the timed steps see full class clouds as in steady-state training.
     with torch.no_grad():
         while int(cr.queue.count.min()) < cr_config.queue_size:
-            for images, labels in batches:
+            for images, labels in fill():
                 cr.queue.enqueue(model(images.to(device))[0], labels.to(device))
     warmup = 3
     base, with_cr = [], []
@@ -132,37 +138,65 @@ def config_rows(config_name: str, steps: int, tangent_dims: tuple[TangentDim | N
         model.load_state_dict(weights)
         cr_config = config.cr if tangent_dim is None else dataclasses.replace(config.cr, tangent_dim=tangent_dim)
         compare(f"{config_name} ({config.model.name})", state, model, loss_fn, cr_config, data.num_classes, batches,
-                torch.device("cpu"), amp=False)
+                torch.device("cpu"), amp=False, fill=lambda: loader)
 
 
-def gpu_row(steps: int) -> None:
-    if not torch.cuda.is_available():
-        print("\nGPU row: not run, no CUDA device on this machine")
-        return
+def long_tail_counts(num_classes: int, largest: int, imbalance_factor: float) -> np.ndarray:
+    """Exponential profile n_c = largest · IF^(-c / (C - 1)) of the long-tailed benchmarks (SPEC §5)."""
+    return np.maximum((largest * imbalance_factor ** (-np.arange(num_classes) / (num_classes - 1))).astype(int), 1)
+
+
+def gpu_rows(name: str, model_name: str, config_name: str, input_shape: tuple[int, ...], counts: np.ndarray,
+             batch_size: int, steps: int, tangent_dims: tuple[TangentDim, ...], queue_size: int | None = None) -> dict:
+    """Rows for a fresh ``model_name`` on random data of ``input_shape`` (bfloat16 autocast), with the
+    config's base loss and CR settings (``queue_size`` overrides Q), one per tangent dimension; returns
+    :func:`host_bound` of each row. The queues are filled with one new example of every class per
+    pass, since random batches of ``batch_size`` need not hold every class."""
     device = torch.device("cuda")
+    num_classes = len(counts)
     torch.manual_seed(0)
-    model = create_model("resnet32", (3, 32, 32), 100).to(device)
-    counts = np.maximum((500 * 100.0 ** (-np.arange(100) / 99)).astype(int), 1)
-    loss_fn = create_loss(load_config("cifar100_lt").loss, counts).to(device)
+    model = create_model(model_name, input_shape, num_classes).to(device)
+    config = load_config(config_name)
+    loss_fn = create_loss(config.loss, counts).to(device)
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(128, 3, 32, 32, generator=generator), torch.randint(0, 100, (128,), generator=generator))
-               for _ in range(steps)]
+    batches = [(torch.randn(batch_size, *input_shape, generator=generator),
+                torch.randint(0, num_classes, (batch_size,), generator=generator)) for _ in range(steps)]
+    chunks = torch.arange(num_classes, device=device).split(max(1, 2**27 // int(np.prod(input_shape))))
+
+    def fill() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:  # new random images on every pass
+        return ((torch.randn(len(chunk), *input_shape, device=device), chunk) for chunk in chunks)
     alone = {}
-    for tangent_dim in ("auto", 2):
-        cr_config = CRConfig(queue_size=128, k=10, tangent_dim=tangent_dim)
-        cr = compare("resnet32, CIFAR-100-shaped", "init", model, loss_fn, cr_config, 100, batches, device, amp=True)
+    for tangent_dim in tangent_dims:
+        cr_config = dataclasses.replace(config.cr, tangent_dim=tangent_dim,
+                                        queue_size=queue_size or config.cr.queue_size)
+        cr = compare(name, "init", model, loss_fn, cr_config, num_classes, batches, device, amp=True, fill=fill)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
             features = model(batches[0][0].to(device))[0]
-        alone[tangent_dim] = host_bound(cr, features, batches[0][1].to(device))
-    for tangent_dim, (wall, host) in alone.items():
-        print(f"\nGPU, tangent dim {tangent_dim}: CR's forward and backward alone {wall * 1e3:.1f} ms, "
+        alone[f"{name}, tangent dim {tangent_dim}"] = host_bound(cr, features, batches[0][1].to(device))
+    return alone
+
+
+def gpu_section(steps: int) -> None:
+    """The issue's GPU row (ResNet-32, batch 128, CIFAR-100-shaped, Q = 128, k = 10) and, for scale,
+    the bundled ImageNet-LT settings (ResNeXt-50, 1,000 classes, Q = 64) at its per-GPU batch of 32
+    (256 over 8 workers) and at 128."""
+    if not torch.cuda.is_available():
+        print("\nGPU rows: not run, no CUDA device on this machine")
+        return
+    alone = gpu_rows("resnet32, CIFAR-100-shaped", "resnet32", "cifar100_lt", (3, 32, 32),
+                     long_tail_counts(100, 500, 100), 128, steps, ("auto", 2), queue_size=128)
+    for batch_size in (32, 128):
+        alone |= gpu_rows(f"resnext50, ImageNet-LT-shaped, batch {batch_size}", "resnext50", "imagenet_lt",
+                          (3, 224, 224), long_tail_counts(1000, 1280, 256), batch_size, steps, ("auto",))
+    for row, (wall, host) in alone.items():
+        print(f"\nGPU, {row}: CR's forward and backward alone {wall * 1e3:.1f} ms, "
               f"of which the host returns after {host * 1e3:.1f} ms (launch-bound when these are close)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per pass (two passes each)")
-    parser.add_argument("--gpu-only", action="store_true", help="only the GPU row (benchmarks/gpu_check.sh)")
+    parser.add_argument("--gpu-only", action="store_true", help="only the GPU rows (benchmarks/gpu_check.sh)")
     args = parser.parse_args()
     print(describe())
     print("\n| config (model) | model | device | classes | batch | Q | k | tangent dim | base step (ms) | "
@@ -172,7 +206,7 @@ def main() -> None:
         config_rows("digits_lt", args.steps)
         config_rows("fashion_mnist_lt", args.steps, after_start_epoch=False)
         config_rows("fashion_mnist_lt", args.steps, tangent_dims=(None, 2))  # the per-pair eigen-problems grow with d
-    gpu_row(args.steps)
+    gpu_section(args.steps)
 
 
 if __name__ == "__main__":
