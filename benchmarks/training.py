@@ -147,7 +147,8 @@ def long_tail_counts(num_classes: int, largest: int, imbalance_factor: float) ->
 
 
 def gpu_rows(name: str, model_name: str, config_name: str, input_shape: tuple[int, ...], counts: np.ndarray,
-             batch_size: int, steps: int, tangent_dims: tuple[TangentDim, ...], queue_size: int | None = None) -> dict:
+             batch_size: int, steps: int, tangent_dims: tuple[TangentDim, ...],
+             queue_size: int | None = None) -> dict[str, tuple[float, float]]:
     """Rows for a fresh ``model_name`` on random data of ``input_shape`` (bfloat16 autocast), with the
     config's base loss and CR settings (``queue_size`` overrides Q), one per tangent dimension; returns
     :func:`host_bound` of each row. The queues are filled with one new example of every class per
@@ -165,6 +166,7 @@ def gpu_rows(name: str, model_name: str, config_name: str, input_shape: tuple[in
 
     def fill() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:  # new random images on every pass
         return ((torch.randn(len(chunk), *input_shape, device=device), chunk) for chunk in chunks)
+
     alone = {}
     for tangent_dim in tangent_dims:
         cr_config = dataclasses.replace(config.cr, tangent_dim=tangent_dim,
