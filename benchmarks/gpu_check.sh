@@ -17,8 +17,8 @@ log="${OUT:-/tmp}/gpu_check.log"
     "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device visible to torch')"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda and not faiss" tests/test_tangent_rotation.py \
-        tests/test_class_geometry.py tests/test_quadratic.py tests/test_neighbours.py tests/test_gram_rotation.py tests/test_linalg.py \
-        tests/test_regularizer.py
+        tests/test_class_geometry.py tests/test_quadratic.py tests/test_neighbours.py tests/test_gram_rotation.py \
+        tests/test_linalg.py tests/test_regularizer.py
     "$PYTHON" benchmarks/training.py --gpu-only
     "$PYTHON" benchmarks/geometry.py --cuda-only
 } 2>&1 | tee "$log"
