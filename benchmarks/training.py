@@ -30,8 +30,13 @@ from curvature.regularizer import CurvatureRegularizer
 from curvature.rotation import TangentDim
 from orchestrator.config import CRConfig, load_config
 from orchestrator.data import build_dataset
+from orchestrator.data.long_tail import long_tail_counts
 from orchestrator.losses import create_loss
 from orchestrator.models import create_model
+
+#: Most input values in one forward pass that fills the GPU rows' queues (512 MiB of float32 images),
+#: which bounds its memory: one image of each of 1,000 ImageNet-shaped classes goes in two passes.
+FILL_VALUES = 2**27
 
 
 def timed_steps(model, loss_fn, cr, batches, weight: float, device: torch.device, amp: bool) -> list[float]:
@@ -141,11 +146,6 @@ def config_rows(config_name: str, steps: int, tangent_dims: tuple[TangentDim | N
                 torch.device("cpu"), amp=False, fill=lambda: loader)
 
 
-def long_tail_counts(num_classes: int, largest: int, imbalance_factor: float) -> np.ndarray:
-    """Exponential profile n_c = largest · IF^(-c / (C - 1)) of the long-tailed benchmarks (SPEC §5)."""
-    return np.maximum((largest * imbalance_factor ** (-np.arange(num_classes) / (num_classes - 1))).astype(int), 1)
-
-
 def gpu_rows(name: str, model_name: str, config_name: str, input_shape: tuple[int, ...], counts: np.ndarray,
              batch_size: int, steps: int, tangent_dims: tuple[TangentDim, ...],
              queue_size: int | None = None) -> dict[str, tuple[float, float]]:
@@ -162,7 +162,7 @@ def gpu_rows(name: str, model_name: str, config_name: str, input_shape: tuple[in
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch_size, *input_shape, generator=generator),
                 torch.randint(0, num_classes, (batch_size,), generator=generator)) for _ in range(steps)]
-    chunks = torch.arange(num_classes, device=device).split(max(1, 2**27 // int(np.prod(input_shape))))
+    chunks = torch.arange(num_classes, device=device).split(max(1, FILL_VALUES // int(np.prod(input_shape))))
 
     def fill() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:  # new random images on every pass
         return ((torch.randn(len(chunk), *input_shape, device=device), chunk) for chunk in chunks)
@@ -186,10 +186,10 @@ def gpu_section(steps: int) -> None:
         print("\nGPU rows: not run, no CUDA device on this machine")
         return
     alone = gpu_rows("resnet32, CIFAR-100-shaped", "resnet32", "cifar100_lt", (3, 32, 32),
-                     long_tail_counts(100, 500, 100), 128, steps, ("auto", 2), queue_size=128)
+                     long_tail_counts(500, 100, 100), 128, steps, ("auto", 2), queue_size=128)
     for batch_size in (32, 128):
         alone |= gpu_rows(f"resnext50, ImageNet-LT-shaped, batch {batch_size}", "resnext50", "imagenet_lt",
-                          (3, 224, 224), long_tail_counts(1000, 1280, 256), batch_size, steps, ("auto",))
+                          (3, 224, 224), long_tail_counts(1280, 1000, 256), batch_size, steps, ("auto",))
     for row, (wall, host) in alone.items():
         print(f"\nGPU, {row}: CR's forward and backward alone {wall * 1e3:.1f} ms, "
               f"of which the host returns after {host * 1e3:.1f} ms (launch-bound when these are close)")
