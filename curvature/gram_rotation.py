@@ -24,6 +24,8 @@ resolved only to about sqrt(eps) of the precision of the final eigenvalues (3e-4
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from curvature._linalg import safe_sqrt, squared_angle_from_sin2, symmetric_eigh, symmetric_eigvals
@@ -57,37 +59,59 @@ def neighbours_from_grams(grams: torch.Tensor, valid: torch.Tensor, k: int) -> t
         return distances.topk(k, dim=2, largest=False).indices
 
 
-def gram_angle_curvature(grams: torch.Tensor, members: torch.Tensor, indices: torch.Tensor,
-                         tangent_dim: TangentDim, ambient_dim: int,
-                         angle_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, int]:
-    """Per-point angle curvature ``a_i`` (radians, ``angle_dtype``) and the tangent dimension used.
+@dataclass
+class GramPatches:
+    """Every measured point's patch ``P_i = {i} ∪ N(i)`` in Gram form, eigen-decomposed."""
 
-    ``grams`` (B, W, W): :func:`cloud_grams` of B clouds padded to W slots; ``members`` (n,): the
-    flat slot (``cloud * W + slot``) of each measured point; ``indices`` (n, k): each point's
-    neighbours as rows of ``members``, all in the point's own cloud; ``ambient_dim``: p, which
-    bounds an explicit ``tangent_dim``. Differentiable with respect to ``grams``; the final
-    (per-pair) eigenvalues are taken in ``angle_dtype``, everything before in float64.
-    """
+    rows: torch.Tensor  # (n, m, W) K[P_i, :], float64: the patch's inner products with its whole cloud
+    patches: torch.Tensor  # (n, m) slots of P_i in the point's cloud
+    evals: torch.Tensor  # (n, m) eigenvalues of the centred patch Gram matrix, descending
+    evecs: torch.Tensor  # (n, m, m) its eigenvectors, columns in the same order
+
+
+def gram_patches(grams: torch.Tensor, members: torch.Tensor, indices: torch.Tensor) -> GramPatches:
+    """The patch stage: ``grams`` (B, W, W) from :func:`cloud_grams` of B clouds padded to W slots;
+    ``members`` (n,): the flat slot (``cloud * W + slot``) of each measured point; ``indices``
+    (n, k): each point's neighbours as rows of ``members``, all in the point's own cloud."""
     num_clouds, width = grams.shape[0], grams.shape[1]
-    n, k = indices.shape
-    m = k + 1
+    n, m = indices.shape[0], indices.shape[1] + 1
     block, slot = members // width, members % width
     patches = torch.cat([slot[:, None], slot[indices]], dim=1)  # (n, m) slots of {i} ∪ N(i)
     rows = grams.reshape(num_clouds * width, width).index_select(0, (block[:, None] * width + patches).flatten())
     rows = rows.reshape(n, m, width)  # K[P_i, :]
     evals, evecs = symmetric_eigh(_centre(rows.gather(2, patches[:, None, :].expand(n, m, m))))
-    evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending
-    dim = resolve_tangent_dim(tangent_dim, evals, k, ambient_dim)
-    scales, has_direction = tangent_scales(evals, dim)  # Λ^{-1/2} where defined, else 0
-    coefficients = _centre_columns(evecs[..., :dim] * scales[:, None, :])  # A_i (n, m, d)
-    inner = (coefficients.mT @ rows).mT.reshape(n * width, dim)  # S_i stacked: row i * W + w
+    return GramPatches(rows, patches, evals.flip(-1), evecs.flip(-1))
+
+
+def gram_angles(patches: GramPatches, indices: torch.Tensor, dim: int,
+                angle_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The pair stage: per-point angle curvature ``a_i`` (radians, ``angle_dtype``) with tangent
+    dimension ``dim``; differentiable with respect to the Gram matrices behind ``patches``."""
+    n, k = indices.shape
+    m, width = k + 1, patches.rows.shape[2]
+    scales, has_direction = tangent_scales(patches.evals, dim)  # Λ^{-1/2} where defined, else 0
+    coefficients = _centre_columns(patches.evecs[..., :dim] * scales[:, None, :])  # A_i (n, m, d)
+    inner = (coefficients.mT @ patches.rows).mT.reshape(n * width, dim)  # S_i stacked: row i * W + w
     own, other, which = _undirected_edges(indices, has_direction.all(dim=1))
-    picked = inner.index_select(0, (own[:, None] * width + patches[other]).flatten()).reshape(-1, m, dim)
+    picked = inner.index_select(0, (own[:, None] * width + patches.patches[other]).flatten()).reshape(-1, m, dim)
     overlap = coefficients.index_select(0, other).mT @ picked  # (E, d, d): M_ij = T_j T_iᵀ
     residual_gram = torch.diag_embed(has_direction.index_select(0, other).to(overlap.dtype)) - overlap @ overlap.mT
     sin2 = symmetric_eigvals(residual_gram.to(angle_dtype))
     theta = safe_sqrt(squared_angle_from_sin2(sin2).sum(dim=-1))
-    return theta.index_select(0, which).reshape(n, k).mean(dim=1), dim
+    return theta.index_select(0, which).reshape(n, k).mean(dim=1)
+
+
+def gram_angle_curvature(grams: torch.Tensor, members: torch.Tensor, indices: torch.Tensor,
+                         tangent_dim: TangentDim, ambient_dim: int,
+                         angle_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, int]:
+    """Per-point angle curvature ``a_i`` (radians, ``angle_dtype``) and the tangent dimension used:
+    :func:`gram_patches`, then :func:`gram_angles`. ``ambient_dim``: p, which bounds an explicit
+    ``tangent_dim``. Differentiable with respect to ``grams``; the final (per-pair) eigenvalues are
+    taken in ``angle_dtype``, everything before in float64.
+    """
+    patches = gram_patches(grams, members, indices)
+    dim = resolve_tangent_dim(tangent_dim, patches.evals, indices.shape[1], ambient_dim)
+    return gram_angles(patches, indices, dim, angle_dtype), dim
 
 
 def _centre(gram: torch.Tensor) -> torch.Tensor:

@@ -57,15 +57,30 @@ def dim_from_spectra(evals: torch.Tensor, k: int, threshold: float = EXPLAINED_V
     """Intrinsic dimension: the median over points of the fewest principal directions explaining
     ``threshold`` of the patch variance, clipped to ``[1, k - 2]`` (SPEC §3.3). Patches with no
     variance (duplicates) carry no information and are left out of the median."""
+    counts, informative = explained_counts(evals, threshold)
+    return dim_from_histogram(torch.bincount(counts[informative], minlength=evals.shape[1] + 1), k)
+
+
+def explained_counts(evals: torch.Tensor, threshold: float = EXPLAINED_VARIANCE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch (descending ``evals``, (n, r)): the fewest principal directions explaining
+    ``threshold`` of its variance (1..r), and whether it has any variance at all."""
     evals = evals.detach().clamp_min(0)
     total = evals.sum(dim=1)
-    informative = total > 0
-    upper = max(1, min(k - 2, evals.shape[1]))
-    if not bool(informative.any()):
+    explained = evals.cumsum(dim=1) / torch.where(total > 0, total, torch.ones_like(total))[:, None]
+    return (explained < threshold).sum(dim=1) + 1, total > 0
+
+
+def dim_from_histogram(histogram: torch.Tensor, k: int) -> int:
+    """:func:`dim_from_spectra` from the histogram of the informative patches' explained counts
+    (``histogram[c]``: how many patches need c directions; length r + 1). A histogram can be summed
+    over point sets, which lets the curvature regularizer combine classes measured at different
+    steps. The median is the lower one of an even count, as ``torch.median``'s."""
+    total = int(histogram.sum())
+    upper = max(1, min(k - 2, histogram.shape[0] - 1))
+    if total == 0:
         return 1
-    explained = evals[informative].cumsum(dim=1) / total[informative, None]
-    counts = (explained < threshold).sum(dim=1) + 1
-    return int(min(max(int(counts.float().median().round()), 1), upper))
+    median = int(torch.searchsorted(histogram.cumsum(0), torch.tensor((total - 1) // 2 + 1, device=histogram.device)))
+    return min(max(median, 1), upper)
 
 
 def tangent_bases(points: torch.Tensor, indices: torch.Tensor, spectra: LocalSpectra, dim: int) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 ``queue[C, Q, D]`` holds each class's ``Q`` most recent detached features, ``ptr[C]`` the next slot
 to overwrite and ``count[C]`` how many slots are filled. As buffers they move with ``.to(device)``
-and are saved by ``state_dict`` — so a resumed run continues with the same queues.
+and are saved by ``state_dict`` — so a resumed run continues with the same queues. ``version[C]``
+(not saved) changes whenever a class's queue does, by an enqueue or a state-dict load, so that
+results computed from a queue can be cached until it changes.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class ClassFeatureQueue(nn.Module):
     queue: torch.Tensor
     ptr: torch.Tensor
     count: torch.Tensor
+    version: torch.Tensor
 
     def __init__(self, num_classes: int, feature_dim: int, queue_size: int, gather: GatherFn = gather_from_all_workers):
         super().__init__()
@@ -69,6 +72,8 @@ class ClassFeatureQueue(nn.Module):
         self.register_buffer("queue", torch.zeros(num_classes, queue_size, feature_dim))  # (C, Q, D)
         self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.long))  # (C,)
         self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))  # (C,)
+        self.register_buffer("version", torch.zeros(num_classes, dtype=torch.long), persistent=False)  # (C,)
+        self.register_load_state_dict_post_hook(ClassFeatureQueue._changed_by_load)
 
     @torch.no_grad()
     def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -85,6 +90,11 @@ class ClassFeatureQueue(nn.Module):
         self.queue[labels[keep], slots[keep]] = features[keep].to(self.queue.dtype)
         self.ptr.copy_((self.ptr + arriving) % self.queue_size)
         self.count.copy_(torch.clamp(self.count + arriving, max=self.queue_size))
+        self.version.add_(arriving > 0)
+
+    @staticmethod
+    def _changed_by_load(queue: ClassFeatureQueue, incompatible_keys: object) -> None:
+        queue.version.add_(1)
 
     def filled(self) -> torch.Tensor:
         """(C, Q) mask of the slots that hold a feature."""

@@ -7,12 +7,21 @@
 ``g_c`` are equal: flatter and balanced, the two goals of Ma et al. (CVPR 2023); ``β`` adds an
 explicit balance term. This formulation is curvlt's; the paper's exact term was not published.
 
-All classes go through the geometry engine in one batch: classes are padded to a common length,
-their Gram matrices are formed once, and from them come both the neighbours within each class and
-the per-point estimator over every point of every class, in its kernel form
-(:func:`curvature.gram_rotation.gram_angle_curvature`), so that no per-neighbour tensor has the
-feature dimension in it.
+All classes measured in a step go through the geometry engine in one batch: classes are padded to
+a common length, their Gram matrices are formed once, and from them come both the neighbours within
+each class and the per-point estimator over every point of every class, in its kernel form
+(:mod:`curvature.gram_rotation`), so that no per-neighbour tensor has the feature dimension in it.
+
+A class without features in this step's batch has the cloud of its queue alone: its ``g_c`` enters
+the loss as a constant, and it stays the same until that queue changes. So ``g_c`` of such a class
+is kept (with the histogram that the "auto" tangent dimension is the median of) and reused while
+``queue.version`` is unchanged, and each step measures only the classes in its batch and those
+whose queue changed since they were last measured. With many classes and small batches (ImageNet-LT:
+1,000 classes, 32 images per GPU) that is a few dozen clouds instead of every class, every step;
+the loss and its gradient are the same as measuring every class (tested). When the auto dimension
+changes, the kept values, normalised with the old one, are measured again.
 """
+
 
 from __future__ import annotations
 
@@ -22,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from curvature.gram_rotation import cloud_grams, gram_angle_curvature, neighbours_from_grams
+from curvature.gram_rotation import GramPatches, cloud_grams, gram_angles, gram_patches, neighbours_from_grams
+from curvature.local_pca import dim_from_histogram, explained_counts
 from curvature.queue import ClassFeatureQueue, GatherFn, gather_from_all_workers, rank_within_class
 from curvature.rotation import TangentDim
 
@@ -37,21 +47,70 @@ class CRResult:
     tangent_dim: int  # 0 when nothing was measured
 
 
-def _class_clouds(features: torch.Tensor, labels: torch.Tensor, queue: ClassFeatureQueue,
-                  min_points: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded per-class clouds (C', M, D) = queue slots then this step's features, their validity
-    mask (C', M), and the class ids (C',) of the classes with at least ``min_points`` points."""
-    num_classes, queue_size = queue.num_classes, queue.queue_size
-    ranks = rank_within_class(labels, num_classes)
-    width = queue_size + int(torch.bincount(labels, minlength=num_classes).max()) if labels.numel() else queue_size
-    padded = features.new_zeros(num_classes, width, features.shape[1])
-    padded[:, :queue_size] = queue.queue.to(features.dtype)
+def _class_clouds(features: torch.Tensor, labels: torch.Tensor, queue: ClassFeatureQueue, min_points: int,
+                  selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded clouds (C', M, D) = queue slots then this step's features of the ``selected`` classes
+    ((C,) mask) that have at least ``min_points`` points, their validity mask (C', M), and their
+    class ids (C',)."""
+    queue_size = queue.queue_size
+    arriving = torch.bincount(labels, minlength=queue.num_classes)
+    classes = torch.nonzero(selected & (queue.count + arriving >= min_points)).flatten()
+    position = torch.full_like(arriving, -1).index_put((classes,), torch.arange(classes.numel(), device=labels.device))
+    kept = position[labels] >= 0
+    features, labels = features[kept], position[labels[kept]]  # labels now number the measured classes
+    ranks = rank_within_class(labels, classes.numel())
+    width = queue_size + int(arriving[classes].max()) if labels.numel() else queue_size
+    padded = features.new_zeros(classes.numel(), width, features.shape[1])
+    padded[:, :queue_size] = queue.queue[classes].to(features.dtype)
     padded = padded.index_put((labels, queue_size + ranks), features)  # out of place: keeps the gradient
-    valid = torch.zeros(num_classes, width, dtype=torch.bool, device=features.device)
-    valid[:, :queue_size] = queue.filled()
+    valid = torch.zeros(classes.numel(), width, dtype=torch.bool, device=features.device)
+    valid[:, :queue_size] = queue.filled()[classes]
     valid[labels, queue_size + ranks] = True
-    eligible = torch.nonzero(valid.sum(dim=1) >= min_points).flatten()
-    return padded[eligible], valid[eligible], eligible
+    return padded, valid, classes
+
+
+@dataclass
+class _Measured:
+    """The patch stage of one batch of class clouds."""
+
+    classes: torch.Tensor  # (C',) class ids
+    owner: torch.Tensor  # (n,) position in ``classes`` of each measured point
+    neighbours: torch.Tensor  # (n, k) rows of the measured points
+    patches: GramPatches
+
+    def count_histograms(self, num_classes: int) -> torch.Tensor:
+        """(num_classes, m + 1) per class: how many of its informative patches need c directions
+        to explain the auto dimension's share of variance (:func:`curvature.local_pca.dim_from_histogram`)."""
+        counts, informative = explained_counts(self.patches.evals)
+        bins = self.patches.evals.shape[1] + 1
+        flat = (self.classes[self.owner] * bins + counts)[informative]
+        return torch.bincount(flat, minlength=num_classes * bins).reshape(num_classes, bins)
+
+    def class_curvature(self, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        """(C',) ``g_c``: the mean angle curvature of each class normalised to [0, 1] (SPEC §4)."""
+        angle = gram_angles(self.patches, self.neighbours, dim, dtype)
+        total = torch.zeros(self.classes.numel(), dtype=angle.dtype, device=angle.device).index_add(0, self.owner, angle)
+        mean_angle = total / torch.bincount(self.owner, minlength=self.classes.numel())
+        return (mean_angle / (math.sqrt(dim) * math.pi / 2)).clamp(0, 1)
+
+
+def _measure(features: torch.Tensor, labels: torch.Tensor, queue: ClassFeatureQueue, k: int,
+             selected: torch.Tensor) -> _Measured | None:
+    """Neighbours and patch spectra of every point of the ``selected`` classes that have k + 1
+    points; ``None`` when none has."""
+    clouds, valid, classes = _class_clouds(features, labels, queue, k + 1, selected)
+    if classes.numel() == 0:
+        return None
+    width = clouds.shape[1]
+    flat_valid = valid.flatten()
+    members = torch.nonzero(flat_valid).flatten()  # flat slots of the valid points
+    grams = cloud_grams(clouds, members)
+    slots = neighbours_from_grams(grams, valid, k)  # (C', M, k)
+    # Number the valid slots of all classes as one list; neighbours become rows of that list.
+    row_of_slot = torch.cumsum(flat_valid, 0) - 1
+    offsets = (torch.arange(classes.numel(), device=features.device) * width)[:, None, None]
+    neighbours = row_of_slot[(slots + offsets).flatten(0, 1)[flat_valid]]
+    return _Measured(classes, members // width, neighbours, gram_patches(grams, members, neighbours))
 
 
 class CurvatureRegularizer(nn.Module):
@@ -82,6 +141,7 @@ class CurvatureRegularizer(nn.Module):
         self.start_epoch, self.tangent_dim, self.eps = start_epoch, tangent_dim, eps
         self.num_classes = num_classes
         self.queue = ClassFeatureQueue(num_classes, feature_dim, queue_size, gather)
+        self.queue_curvature = QueueCurvature(num_classes, k)
 
     @property
     def active(self) -> bool:
@@ -102,28 +162,70 @@ class CurvatureRegularizer(nn.Module):
         return result
 
     def _loss(self, features: torch.Tensor, labels: torch.Tensor, unmeasured: CRResult) -> CRResult:
-        clouds, valid, classes = _class_clouds(features, labels, self.queue, self.k + 1)
-        if classes.numel() == 0:
+        cache = self.queue_curvature
+        in_batch = torch.bincount(labels, minlength=self.num_classes) > 0
+        kept = (cache.version == self.queue.version) & ~in_batch  # classes whose kept g_c is this step's
+        fresh = _measure(features, labels, self.queue, self.k, ~kept)
+        histogram = cache.histogram * kept[:, None]
+        if self.tangent_dim == "auto":
+            if fresh is not None:
+                histogram = histogram.index_put((fresh.classes,), fresh.count_histograms(self.num_classes)[fresh.classes])
+            dim = dim_from_histogram(histogram.sum(dim=0), self.k)
+        else:
+            dim = self.tangent_dim
+        if dim != cache.dim:  # the kept values are normalised with another dimension: measure them again
+            with torch.no_grad():
+                again = _measure(features[:0], labels[:0], self.queue, self.k, kept)
+                if again is not None:
+                    cache.curvature[again.classes] = again.class_curvature(dim, cache.curvature.dtype)
+        measured = kept & cache.measured
+        curvature = torch.where(measured, cache.curvature.to(features.dtype), 0.0)
+        alone = ~kept & ~in_batch  # queue alone, measured now for the first time since it changed
+        cache.remember(alone, self.queue.version, histogram, dim)
+        if fresh is not None:
+            g = fresh.class_curvature(dim, features.dtype)
+            curvature = curvature.index_put((fresh.classes,), g)
+            measured = measured.index_put((fresh.classes,), torch.ones_like(fresh.classes, dtype=torch.bool))
+            cache.remember_curvature(fresh.classes, g, alone[fresh.classes])
+        if not bool(measured.any()):
             return unmeasured
-        measured = torch.zeros(self.num_classes, dtype=torch.bool, device=features.device)
-        curvature = features.new_zeros(self.num_classes)
-        width = clouds.shape[1]
-        flat_valid = valid.flatten()
-        members = torch.nonzero(flat_valid).flatten()  # flat slots of the valid points
-        grams = cloud_grams(clouds, members)
-        slots = neighbours_from_grams(grams, valid, self.k)  # (C', M, k)
-        # Number the valid slots of all classes as one list; neighbours become rows of that list.
-        row_of_slot = torch.cumsum(flat_valid, 0) - 1
-        offsets = (torch.arange(clouds.shape[0], device=features.device) * width)[:, None, None]
-        neighbours = row_of_slot[(slots + offsets).flatten(0, 1)[flat_valid]]
-        owner = members // width
-        angle, dim = gram_angle_curvature(grams, members, neighbours, self.tangent_dim, clouds.shape[2], features.dtype)
-        class_angle = torch.zeros(classes.numel(), dtype=angle.dtype, device=angle.device).index_add(0, owner, angle)
-        class_angle = class_angle / torch.bincount(owner, minlength=classes.numel())
-        normalised = (class_angle / (math.sqrt(dim) * math.pi / 2)).clamp(0, 1)  # g_c
-        loss = -torch.log1p(self.eps - normalised).mean()
-        if self.balance_weight > 0 and normalised.numel() > 1:
-            loss = loss + self.balance_weight * normalised.std(unbiased=False)
-        measured[classes] = True
-        curvature[classes] = normalised.detach()
-        return CRResult(loss, curvature, measured, dim)
+        values = curvature[measured]
+        loss = -torch.log1p(self.eps - values).mean()
+        if self.balance_weight > 0 and values.numel() > 1:
+            loss = loss + self.balance_weight * values.std(unbiased=False)
+        return CRResult(loss, curvature.detach() * measured, measured, dim)
+
+
+class QueueCurvature(nn.Module):
+    """What :class:`CurvatureRegularizer` keeps of the classes it measured on their queue alone:
+    ``g_c`` (at tangent dimension ``dim``), whether the class had k + 1 points, the histogram the
+    auto dimension is found from, and the queue ``version`` all three belong to (-1: none). Not
+    saved with the module: after a load the queue versions change and everything is measured again."""
+
+    version: torch.Tensor
+    curvature: torch.Tensor
+    measured: torch.Tensor
+    histogram: torch.Tensor
+
+    def __init__(self, num_classes: int, k: int):
+        super().__init__()
+        self.register_buffer("version", torch.full((num_classes,), -1, dtype=torch.long), persistent=False)
+        self.register_buffer("curvature", torch.zeros(num_classes), persistent=False)
+        self.register_buffer("measured", torch.zeros(num_classes, dtype=torch.bool), persistent=False)
+        self.register_buffer("histogram", torch.zeros(num_classes, k + 2, dtype=torch.long), persistent=False)
+        self.dim = 0
+
+    @torch.no_grad()
+    def remember(self, classes: torch.Tensor, version: torch.Tensor, histogram: torch.Tensor, dim: int) -> None:
+        """Keep the histograms of the ``classes`` mask, measured on their queues at ``version``;
+        ``g_c`` follows from :meth:`remember_curvature` for those that had k + 1 points."""
+        self.version.copy_(torch.where(classes, version, self.version))
+        self.histogram.copy_(torch.where(classes[:, None], histogram, self.histogram))
+        self.measured &= ~classes
+        self.dim = dim
+
+    @torch.no_grad()
+    def remember_curvature(self, classes: torch.Tensor, curvature: torch.Tensor, keep: torch.Tensor) -> None:
+        """Keep ``curvature`` (C',) of the measured ``classes`` (C',) where ``keep`` (C',) is set."""
+        self.curvature[classes[keep]] = curvature[keep].to(self.curvature.dtype)
+        self.measured[classes[keep]] = True

@@ -96,13 +96,88 @@ def test_zero_weight_does_no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("curvature work at weight 0")
 
-    monkeypatch.setattr(module, "gram_angle_curvature", forbidden)
+    monkeypatch.setattr(module, "_measure", forbidden)
     monkeypatch.setattr(module, "_class_clouds", forbidden)
     cr = CurvatureRegularizer(2, 4, weight=0.0)
     features = torch.randn(16, 4, requires_grad=True)
     result = cr(features, torch.tensor([0, 1] * 8), epoch=5)
     assert float(result.loss) == 0.0 and result.loss.grad_fn is None
     assert cr.queue.count.tolist() == [0, 0]
+
+
+def _curved_batch(labels: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """Features of each class on its own curved 2-manifold in R^12, plus isotropic noise."""
+    bases = torch.randn(8, 3, 12, generator=torch.Generator().manual_seed(7))
+    angles = torch.rand(labels.numel(), 2, generator=generator) * 3
+    on_sphere = torch.stack([angles[:, 0].cos() * angles[:, 1].sin(), angles[:, 0].sin() * angles[:, 1].sin(),
+                             angles[:, 1].cos()], dim=1)
+    return torch.einsum("nj,njd->nd", on_sphere, bases[labels]) + noise * torch.randn(labels.numel(), 12,
+                                                                                      generator=generator)
+
+
+@pytest.mark.parametrize("tangent_dim", ["auto", 2])
+def test_kept_queue_curvatures_give_the_loss_of_measuring_every_class(monkeypatch, tangent_dim):
+    """A class without batch features is measured once per change of its queue; loss, g_c, the
+    tangent dimension and the gradient equal those of a copy that measures every class (loaded from
+    the same state, so it keeps nothing), while the auto dimension moves as noise grows."""
+    import curvature.regularizer as module
+
+    clouds = {}  # clouds measured per step, by the module that keeps values and by the reference
+    measure = module._measure
+
+    def counting(features, labels, queue, k, selected):
+        result = measure(features, labels, queue, k, selected)
+        key = "kept" if queue is cr.queue else "reference"
+        clouds[key][-1] += 0 if result is None else result.classes.numel()
+        return result
+
+    monkeypatch.setattr(module, "_measure", counting)
+    settings = {"weight": 1.0, "balance_weight": 0.5, "k": 6, "queue_size": 12, "tangent_dim": tangent_dim}
+    cr = CurvatureRegularizer(8, 12, **settings)
+    generator = torch.Generator().manual_seed(0)
+    dims = set()
+    clouds.update(kept=[], reference=[])
+    for step in range(36):
+        size = int(torch.randint(2, 30, (), generator=generator))
+        classes = 8 if step % 3 == 0 else 2  # every class, or only classes 0 and 1
+        labels = torch.randint(0, classes, (size,), generator=generator)
+        features = _curved_batch(labels, noise=0.01 if step < 18 else 0.02 * (step - 17), generator=generator)
+        reference = CurvatureRegularizer(8, 12, **settings)
+        reference.load_state_dict(cr.state_dict())
+        ours, theirs = features.clone().requires_grad_(), features.clone().requires_grad_()
+        clouds["kept"].append(0)
+        clouds["reference"].append(0)
+        result = cr(ours, labels, epoch=0)
+        expected = reference(theirs, labels, epoch=0)
+        (result.loss + 0.1 * ours.sum()).backward()  # the extra term makes features without a CR gradient visible
+        (expected.loss + 0.1 * theirs.sum()).backward()
+        assert result.tangent_dim == expected.tangent_dim
+        assert torch.equal(result.measured, expected.measured)
+        torch.testing.assert_close(result.class_curvature, expected.class_curvature, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result.loss, expected.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6)
+        dims.add(result.tangent_dim)
+    if tangent_dim == "auto":
+        assert len(dims) > 1, dims  # the re-measuring of kept classes at a new dimension was exercised
+    fewer = [kept < every for kept, every in zip(clouds["kept"], clouds["reference"])]
+    assert sum(fewer) >= 12, clouds  # most steps with two classes measured fewer clouds
+
+
+def test_loading_a_state_forgets_kept_curvatures():
+    settings = {"weight": 1.0, "k": 5, "queue_size": 10, "tangent_dim": 2}
+    generator = torch.Generator().manual_seed(3)
+    cr, other = CurvatureRegularizer(8, 12, **settings), CurvatureRegularizer(8, 12, **settings)
+    for module in (cr, other):
+        labels = torch.arange(8).repeat(11)
+        module(_curved_batch(labels, 0.05, generator), labels, epoch=0)
+        module(_curved_batch(labels[:4], 0.05, generator), labels[:4], epoch=0)  # classes 4-7 now kept
+    cr.load_state_dict(other.state_dict())
+    reference = CurvatureRegularizer(8, 12, **settings)
+    reference.load_state_dict(other.state_dict())
+    labels = torch.tensor([0, 1, 2])
+    features = _curved_batch(labels, 0.05, generator)
+    torch.testing.assert_close(cr(features, labels, epoch=0).class_curvature,
+                               reference(features, labels, epoch=0).class_curvature)
 
 
 @pytest.mark.parametrize("bad", [{"weight": -1.0}, {"k": 1}, {"tangent_dim": 0}, {"eps": 2.0}])
