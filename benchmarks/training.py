@@ -39,12 +39,17 @@ from orchestrator.models import create_model
 FILL_VALUES = 2**27
 
 
-def timed_steps(model, loss_fn, cr, batches, weight: float, device: torch.device, amp: bool) -> list[float]:
-    """Wall time of each optimizer step (forward, losses, backward, update)."""
+def timed_steps(model, loss_fn, cr, batches, weight: float, device: torch.device, amp: bool,
+                every_class: bool = False) -> list[float]:
+    """Wall time of each optimizer step (forward, losses, backward, update); ``every_class``: CR
+    forgets, before each step, the curvatures it keeps of classes measured on their queue alone, so
+    that it measures every class every step (how CR worked before it kept them)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     times = []
     for images, labels in batches:
         images, labels = images.to(device), labels.to(device)
+        if every_class:
+            cr.queue_curvature.version.fill_(-1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -63,8 +68,10 @@ def timed_steps(model, loss_fn, cr, batches, weight: float, device: torch.device
 
 
 def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_classes: int, batches, device,
-            amp: bool, fill: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> CurvatureRegularizer:
-    """Print one table row. ``fill()``: one pass of (images, labels) whose features fill the queues,
+            amp: bool, fill: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+            every_class_too: bool = False) -> CurvatureRegularizer:
+    """Print one table row, and with ``every_class_too`` a second one timed in the same passes with
+    CR measuring every class every step (:func:`timed_steps`). ``fill()``: one pass of (images, labels) whose features fill the queues,
     called again while a class is short. It should yield distinct examples: in training a queue
     holds features of different examples, or of one example at different steps, not exact copies,
     which would make degenerate patches and a lower auto tangent dimension. (Only a class with
@@ -77,15 +84,20 @@ def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_clas
             for images, labels in fill():
                 cr.queue.enqueue(model(images.to(device))[0], labels.to(device))
     warmup = 3
-    base, with_cr = [], []
+    base, with_cr, every = [], [], []
     for _ in range(2):  # interleave so that drift in machine load hits both alike
         base += timed_steps(model, loss_fn, cr, batches, 0.0, device, amp)[warmup:]
         with_cr += timed_steps(model, loss_fn, cr, batches, 1.0, device, amp)[warmup:]
-    t_base, t_cr = statistics.median(base), statistics.median(with_cr)
+        if every_class_too:
+            every += timed_steps(model, loss_fn, cr, batches, 1.0, device, amp, every_class=True)[warmup:]
+    t_base = statistics.median(base)
     queue_mb = cr.queue.queue.numel() * cr.queue.queue.element_size() / 2**20
     dim = cr(model(batches[0][0].to(device))[0], batches[0][1].to(device), epoch=10**6).tangent_dim
-    print(f"| {name} | {state} | {device.type} | {num_classes} | {len(batches[0][1])} | {cr_config.queue_size} | {cr_config.k} | "
-          f"{dim} | {t_base * 1e3:.1f} | {t_cr * 1e3:.1f} | {t_cr / t_base:.2f} | {queue_mb:.2f} |")
+    for label, times in ((name, with_cr), (f"{name}, every class measured each step", every)):
+        if times:
+            t_cr = statistics.median(times)
+            print(f"| {label} | {state} | {device.type} | {num_classes} | {len(batches[0][1])} | {cr_config.queue_size} | "
+                  f"{cr_config.k} | {dim} | {t_base * 1e3:.1f} | {t_cr * 1e3:.1f} | {t_cr / t_base:.2f} | {queue_mb:.2f} |")
     return cr
 
 
@@ -148,9 +160,10 @@ def config_rows(config_name: str, steps: int, tangent_dims: tuple[TangentDim | N
 
 def gpu_rows(name: str, model_name: str, config_name: str, input_shape: tuple[int, ...], counts: np.ndarray,
              batch_size: int, steps: int, tangent_dims: tuple[TangentDim, ...],
-             queue_size: int | None = None) -> dict[str, tuple[float, float]]:
+             queue_size: int | None = None, every_class_too: bool = False) -> dict[str, tuple[float, float]]:
     """Rows for a fresh ``model_name`` on random data of ``input_shape`` (bfloat16 autocast), with the
-    config's base loss and CR settings (``queue_size`` overrides Q), one per tangent dimension; returns
+    config's base loss and CR settings (``queue_size`` overrides Q), one per tangent dimension (and
+    ``every_class_too``, see :func:`compare`); returns
     :func:`host_bound` of each row. The queues are filled with one new example of every class per
     pass, since random batches of ``batch_size`` need not hold every class."""
     device = torch.device("cuda")
@@ -171,7 +184,8 @@ def gpu_rows(name: str, model_name: str, config_name: str, input_shape: tuple[in
     for tangent_dim in tangent_dims:
         cr_config = dataclasses.replace(config.cr, tangent_dim=tangent_dim,
                                         queue_size=queue_size or config.cr.queue_size)
-        cr = compare(name, "init", model, loss_fn, cr_config, num_classes, batches, device, amp=True, fill=fill)
+        cr = compare(name, "init", model, loss_fn, cr_config, num_classes, batches, device, amp=True, fill=fill,
+                     every_class_too=every_class_too)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
             features = model(batches[0][0].to(device))[0]
         alone[f"{name}, tangent dim {tangent_dim}"] = host_bound(cr, features, batches[0][1].to(device))
@@ -186,10 +200,11 @@ def gpu_section(steps: int) -> None:
         print("\nGPU rows: not run, no CUDA device on this machine")
         return
     alone = gpu_rows("resnet32, CIFAR-100-shaped", "resnet32", "cifar100_lt", (3, 32, 32),
-                     long_tail_counts(500, 100, 100), 128, steps, ("auto", 2), queue_size=128)
+                     long_tail_counts(500, 100, 100), 128, steps, ("auto", 2, 4), queue_size=128, every_class_too=True)
     for batch_size in (32, 128):
         alone |= gpu_rows(f"resnext50, ImageNet-LT-shaped, batch {batch_size}", "resnext50", "imagenet_lt",
-                          (3, 224, 224), long_tail_counts(1280, 1000, 256), batch_size, steps, ("auto",))
+                          (3, 224, 224), long_tail_counts(1280, 1000, 256), batch_size, steps, ("auto",),
+                          every_class_too=True)
     for row, (wall, host) in alone.items():
         print(f"\nGPU, {row}: CR's forward and backward alone {wall * 1e3:.1f} ms, "
               f"of which the host returns after {host * 1e3:.1f} ms (launch-bound when these are close)")

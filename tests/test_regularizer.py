@@ -116,7 +116,7 @@ def _curved_batch(labels: torch.Tensor, noise: float, generator: torch.Generator
 
 
 @pytest.mark.parametrize("tangent_dim", ["auto", 2])
-def test_kept_queue_curvatures_give_the_loss_of_measuring_every_class(monkeypatch, tangent_dim):
+def test_kept_queue_curvatures_give_the_loss_of_measuring_every_class(monkeypatch, tangent_dim, device):
     """A class without batch features is measured once per change of its queue; loss, g_c, the
     tangent dimension and the gradient equal those of a copy that measures every class (loaded from
     the same state, so it keeps nothing), while the auto dimension moves as noise grows."""
@@ -133,7 +133,7 @@ def test_kept_queue_curvatures_give_the_loss_of_measuring_every_class(monkeypatc
 
     monkeypatch.setattr(module, "_measure", counting)
     settings = {"weight": 1.0, "balance_weight": 0.5, "k": 6, "queue_size": 12, "tangent_dim": tangent_dim}
-    cr = CurvatureRegularizer(8, 12, **settings)
+    cr = CurvatureRegularizer(8, 12, **settings).to(device)
     generator = torch.Generator().manual_seed(0)
     dims = set()
     clouds.update(kept=[], reference=[])
@@ -142,7 +142,8 @@ def test_kept_queue_curvatures_give_the_loss_of_measuring_every_class(monkeypatc
         classes = 8 if step % 3 == 0 else 2  # every class, or only classes 0 and 1
         labels = torch.randint(0, classes, (size,), generator=generator)
         features = _curved_batch(labels, noise=0.01 if step < 18 else 0.02 * (step - 17), generator=generator)
-        reference = CurvatureRegularizer(8, 12, **settings)
+        features, labels = features.to(device), labels.to(device)
+        reference = CurvatureRegularizer(8, 12, **settings).to(device)
         reference.load_state_dict(cr.state_dict())
         ours, theirs = features.clone().requires_grad_(), features.clone().requires_grad_()
         clouds["kept"].append(0)
