@@ -56,8 +56,8 @@ def _class_clouds(features: torch.Tensor, labels: torch.Tensor, queue: ClassFeat
     arriving = torch.bincount(labels, minlength=queue.num_classes)
     classes = torch.nonzero(selected & (queue.count + arriving >= min_points)).flatten()
     position = torch.full_like(arriving, -1).index_put((classes,), torch.arange(classes.numel(), device=labels.device))
-    kept = position[labels] >= 0
-    features, labels = features[kept], position[labels[kept]]  # labels now number the measured classes
+    of_measured = position[labels] >= 0
+    features, labels = features[of_measured], position[labels[of_measured]]  # labels now number the measured classes
     ranks = rank_within_class(labels, classes.numel())
     width = queue_size + int(arriving[classes].max()) if labels.numel() else queue_size
     padded = features.new_zeros(classes.numel(), width, features.shape[1])
@@ -162,11 +162,13 @@ class CurvatureRegularizer(nn.Module):
         return result
 
     def _loss(self, features: torch.Tensor, labels: torch.Tensor, unmeasured: CRResult) -> CRResult:
+        """Measure the classes in the batch and those whose queue changed; take the rest's ``g_c``
+        (and, for the auto dimension, their count histograms) from :class:`QueueCurvature`."""
         cache = self.queue_curvature
         in_batch = torch.bincount(labels, minlength=self.num_classes) > 0
         kept = (cache.version == self.queue.version) & ~in_batch  # classes whose kept g_c is this step's
         fresh = _measure(features, labels, self.queue, self.k, ~kept)
-        histogram = cache.histogram * kept[:, None]
+        histogram = cache.histogram * kept[:, None]  # only the auto dimension reads these
         if self.tangent_dim == "auto":
             if fresh is not None:
                 histogram = histogram.index_put((fresh.classes,), fresh.count_histograms(self.num_classes)[fresh.classes])
