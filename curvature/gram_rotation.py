@@ -30,7 +30,6 @@ import torch
 
 from curvature._linalg import safe_sqrt, squared_angle_from_sin2, symmetric_eigh, symmetric_eigvals
 from curvature.local_pca import tangent_scales
-from curvature.rotation import TangentDim, resolve_tangent_dim
 
 
 def cloud_grams(clouds: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
@@ -99,19 +98,6 @@ def gram_angles(patches: GramPatches, indices: torch.Tensor, dim: int,
     sin2 = symmetric_eigvals(residual_gram.to(angle_dtype))
     theta = safe_sqrt(squared_angle_from_sin2(sin2).sum(dim=-1))
     return theta.index_select(0, which).reshape(n, k).mean(dim=1)
-
-
-def gram_angle_curvature(grams: torch.Tensor, members: torch.Tensor, indices: torch.Tensor,
-                         tangent_dim: TangentDim, ambient_dim: int,
-                         angle_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, int]:
-    """Per-point angle curvature ``a_i`` (radians, ``angle_dtype``) and the tangent dimension used:
-    :func:`gram_patches`, then :func:`gram_angles`. ``ambient_dim``: p, which bounds an explicit
-    ``tangent_dim``. Differentiable with respect to ``grams``; the final (per-pair) eigenvalues are
-    taken in ``angle_dtype``, everything before in float64.
-    """
-    patches = gram_patches(grams, members, indices)
-    dim = resolve_tangent_dim(tangent_dim, patches.evals, indices.shape[1], ambient_dim)
-    return gram_angles(patches, indices, dim, angle_dtype), dim
 
 
 def _centre(gram: torch.Tensor) -> torch.Tensor:

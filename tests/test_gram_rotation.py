@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from curvature import manifolds
-from curvature.gram_rotation import cloud_grams, gram_angle_curvature, neighbours_from_grams
+from curvature.gram_rotation import cloud_grams, gram_angles, gram_patches, neighbours_from_grams
 from curvature.local_pca import local_spectra
 from curvature.neighbours import knn_indices
 from curvature.rotation import pointwise_curvature, resolve_tangent_dim
@@ -22,8 +22,9 @@ def points_form(points: torch.Tensor, indices: torch.Tensor, tangent_dim="auto")
 
 def kernel_form(clouds: torch.Tensor, members: torch.Tensor, indices: torch.Tensor, tangent_dim,
                 angle_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, int]:
-    return gram_angle_curvature(cloud_grams(clouds, members), members, indices, tangent_dim, clouds.shape[2],
-                                angle_dtype)
+    patches = gram_patches(cloud_grams(clouds, members), members, indices)
+    dim = resolve_tangent_dim(tangent_dim, patches.evals, indices.shape[1], clouds.shape[2])
+    return gram_angles(patches, indices, dim, angle_dtype), dim
 
 
 def clouds(rng) -> list[torch.Tensor]:
