@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from _machine import describe
+from curvature.queue import GatherFn
 from curvature.regularizer import CurvatureRegularizer
 from curvature.rotation import TangentDim
 from orchestrator.config import CRConfig, load_config
@@ -69,9 +70,10 @@ def timed_steps(model, loss_fn, cr, batches, weight: float, device: torch.device
 
 def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_classes: int, batches, device,
             amp: bool, fill: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-            every_class_too: bool = False) -> CurvatureRegularizer:
+            every_class_too: bool = False, gather: GatherFn | None = None) -> CurvatureRegularizer:
     """Print one table row, and with ``every_class_too`` a second one timed in the same passes with
-    CR measuring every class every step (:func:`timed_steps`). ``fill()``: one pass of (images, labels) whose features fill the queues,
+    CR measuring every class every step (:func:`timed_steps`); ``gather`` replaces CR's all-gather
+    once the queues are full. ``fill()``: one pass of (images, labels) whose features fill the queues,
     called again while a class is short. It should yield distinct examples: in training a queue
     holds features of different examples, or of one example at different steps, not exact copies,
     which would make degenerate patches and a lower auto tangent dimension. (Only a class with
@@ -83,6 +85,8 @@ def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_clas
         while int(cr.queue.count.min()) < cr_config.queue_size:
             for images, labels in fill():
                 cr.queue.enqueue(model(images.to(device))[0], labels.to(device))
+    if gather is not None:
+        cr.queue.gather = gather
     warmup = 3
     base, with_cr, every = [], [], []
     for _ in range(2):  # interleave so that drift in machine load hits both alike
@@ -160,10 +164,13 @@ def config_rows(config_name: str, steps: int, tangent_dims: tuple[TangentDim | N
 
 def gpu_rows(name: str, model_name: str, config_name: str, input_shape: tuple[int, ...], counts: np.ndarray,
              batch_size: int, steps: int, tangent_dims: tuple[TangentDim, ...],
-             queue_size: int | None = None, every_class_too: bool = False) -> dict[str, tuple[float, float]]:
+             queue_size: int | None = None, every_class_too: bool = False,
+             other_workers: int = 0) -> dict[str, tuple[float, float]]:
     """Rows for a fresh ``model_name`` on random data of ``input_shape`` (bfloat16 autocast), with the
     config's base loss and CR settings (``queue_size`` overrides Q), one per tangent dimension (and
-    ``every_class_too``, see :func:`compare`); returns
+    ``every_class_too``, see :func:`compare`); ``other_workers``: the step is one worker's of a
+    data-parallel run with that many more, whose batches (features of new random images, made
+    before timing) reach CR's queues as its all-gather would bring them; returns
     :func:`host_bound` of each row. The queues are filled with one new example of every class per
     pass, since random batches of ``batch_size`` need not hold every class."""
     device = torch.device("cuda")
@@ -185,26 +192,51 @@ def gpu_rows(name: str, model_name: str, config_name: str, input_shape: tuple[in
         cr_config = dataclasses.replace(config.cr, tangent_dim=tangent_dim,
                                         queue_size=queue_size or config.cr.queue_size)
         cr = compare(name, "init", model, loss_fn, cr_config, num_classes, batches, device, amp=True, fill=fill,
-                     every_class_too=every_class_too)
+                     every_class_too=every_class_too,
+                     gather=other_workers_gather(model, input_shape, num_classes, batch_size, other_workers))
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
             features = model(batches[0][0].to(device))[0]
         alone[f"{name}, tangent dim {tangent_dim}"] = host_bound(cr, features, batches[0][1].to(device))
     return alone
 
 
+def other_workers_gather(model, input_shape: tuple[int, ...], num_classes: int, batch_size: int,
+                         workers: int, distinct: int = 16) -> GatherFn | None:
+    """A stand-in for CR's all-gather in a run with ``workers`` more workers: it appends their
+    batches, cycling through ``distinct`` sets of features made here (outside any timing); ``None``
+    for no other workers. NCCL's transfer itself (a few MB) is not included."""
+    if workers == 0:
+        return None
+    device = next(model.parameters()).device
+    others = []
+    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        for _ in range(distinct):
+            labels = torch.randint(0, num_classes, (workers * batch_size,), device=device)
+            features = torch.cat([model(torch.randn(batch_size, *input_shape, device=device))[0].float()
+                                  for _ in range(workers)])
+            others.append((features, labels))
+    turn = iter(range(10**9))
+
+    def gather(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        extra_features, extra_labels = others[next(turn) % distinct]
+        return torch.cat([features, extra_features]), torch.cat([labels, extra_labels])
+
+    return gather
+
+
 def gpu_section(steps: int) -> None:
     """The issue's GPU row (ResNet-32, batch 128, CIFAR-100-shaped, Q = 128, k = 10) and, for scale,
     the bundled ImageNet-LT settings (ResNeXt-50, 1,000 classes, Q = 64) at its per-GPU batch of 32
-    (256 over 8 workers) and at 128."""
+    (256 over 8 workers) and at 128, and at 32 as one of the config's 8 workers."""
     if not torch.cuda.is_available():
         print("\nGPU rows: not run, no CUDA device on this machine")
         return
     alone = gpu_rows("resnet32, CIFAR-100-shaped", "resnet32", "cifar100_lt", (3, 32, 32),
                      long_tail_counts(500, 100, 100), 128, steps, ("auto", 2, 4), queue_size=128, every_class_too=True)
-    for batch_size in (32, 128):
-        alone |= gpu_rows(f"resnext50, ImageNet-LT-shaped, batch {batch_size}", "resnext50", "imagenet_lt",
-                          (3, 224, 224), long_tail_counts(1280, 1000, 256), batch_size, steps, ("auto",),
-                          every_class_too=True)
+    for batch_size, workers in ((32, 1), (128, 1), (32, 8)):
+        name = f"resnext50, ImageNet-LT-shaped, batch {batch_size}" + (f", 1 of {workers} workers" if workers > 1 else "")
+        alone |= gpu_rows(name, "resnext50", "imagenet_lt", (3, 224, 224), long_tail_counts(1280, 1000, 256),
+                          batch_size, steps, ("auto",), every_class_too=True, other_workers=workers - 1)
     for row, (wall, host) in alone.items():
         print(f"\nGPU, {row}: CR's forward and backward alone {wall * 1e3:.1f} ms, "
               f"of which the host returns after {host * 1e3:.1f} ms (launch-bound when these are close)")
