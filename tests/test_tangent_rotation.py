@@ -39,6 +39,25 @@ def test_flat_patch_has_no_curvature(dim, rng):
     assert float(result.mean_kappa) < 1e-3
 
 
+def test_auto_dimension_is_the_lower_median_of_explained_counts():
+    """The auto dimension comes from a histogram (so that CR can sum it over classes measured at
+    different steps); it must be the lower median of the per-patch counts, duplicates left out."""
+    from curvature.local_pca import EXPLAINED_VARIANCE, dim_from_spectra
+
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(300):
+        n, r = int(torch.randint(1, 30, (), generator=generator)), int(torch.randint(1, 12, (), generator=generator))
+        k = int(torch.randint(2, 14, (), generator=generator))
+        evals = torch.rand(n, r, generator=generator).pow(float(torch.randint(1, 8, (), generator=generator)))
+        evals = evals.sort(dim=1, descending=True).values
+        evals[torch.rand(n, generator=generator) < 0.2] = 0  # patches of identical points
+        informative = evals.sum(dim=1) > 0
+        shares = evals[informative].cumsum(dim=1) / evals[informative].sum(dim=1, keepdim=True)
+        counts = (shares < EXPLAINED_VARIANCE).sum(dim=1) + 1
+        expected = int(counts.median()) if counts.numel() else 1  # torch.median: the lower middle value
+        assert dim_from_spectra(evals, k) == min(max(expected, 1), max(1, min(k - 2, r)))
+
+
 def test_rotation_and_translation_change_nothing(rng):
     points = manifolds.sphere(1500, 2, 1.5, 10, rng)
     moved = points @ manifolds.random_rotation(10, rng) + rng.normal(size=10) * 5
