@@ -53,7 +53,7 @@ def timed_steps(model, loss_fn, cr, batches, weight: float, device: torch.device
     for images, labels in batches:
         images, labels = images.to(device), labels.to(device)
         if every_class:
-            cr.queue_curvature.version.fill_(-1)
+            cr.queue_curvature.forget()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

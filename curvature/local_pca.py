@@ -57,17 +57,22 @@ def dim_from_spectra(evals: torch.Tensor, k: int, threshold: float = EXPLAINED_V
     """Intrinsic dimension: the median over points of the fewest principal directions explaining
     ``threshold`` of the patch variance, clipped to ``[1, k - 2]`` (SPEC §3.3). Patches with no
     variance (duplicates) carry no information and are left out of the median."""
-    counts, informative = explained_counts(evals, threshold)
-    return dim_from_histogram(torch.bincount(counts[informative], minlength=evals.shape[1] + 1), k)
+    one_group = torch.zeros(evals.shape[0], dtype=torch.long, device=evals.device)
+    return dim_from_histogram(explained_count_histograms(evals, one_group, 1, threshold)[0], k)
 
 
-def explained_counts(evals: torch.Tensor, threshold: float = EXPLAINED_VARIANCE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per patch (descending ``evals``, (n, r)): the fewest principal directions explaining
-    ``threshold`` of its variance (1..r), and whether it has any variance at all."""
+def explained_count_histograms(evals: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                               threshold: float = EXPLAINED_VARIANCE) -> torch.Tensor:
+    """(num_groups, r + 1): per group of patches (``groups`` (n,) of descending ``evals`` (n, r)),
+    how many of its patches with any variance need c principal directions to explain ``threshold``
+    of it (c = 1..r)."""
     evals = evals.detach().clamp_min(0)
     total = evals.sum(dim=1)
     explained = evals.cumsum(dim=1) / torch.where(total > 0, total, torch.ones_like(total))[:, None]
-    return (explained < threshold).sum(dim=1) + 1, total > 0
+    counts = (explained < threshold).sum(dim=1) + 1
+    bins = evals.shape[1] + 1
+    flat = (groups * bins + counts)[total > 0]
+    return torch.bincount(flat, minlength=num_groups * bins).reshape(num_groups, bins)
 
 
 def dim_from_histogram(histogram: torch.Tensor, k: int) -> int:

@@ -22,7 +22,6 @@ the loss and its gradient are the same as measuring every class (tested). When t
 changes, the kept values, normalised with the old one, are measured again.
 """
 
-
 from __future__ import annotations
 
 import math
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 from curvature.gram_rotation import GramPatches, cloud_grams, gram_angles, gram_patches, neighbours_from_grams
-from curvature.local_pca import dim_from_histogram, explained_counts
+from curvature.local_pca import dim_from_histogram, explained_count_histograms
 from curvature.queue import ClassFeatureQueue, GatherFn, gather_from_all_workers, rank_within_class
 from curvature.rotation import TangentDim
 
@@ -79,12 +78,9 @@ class _Measured:
     patches: GramPatches
 
     def count_histograms(self, num_classes: int) -> torch.Tensor:
-        """(num_classes, m + 1) per class: how many of its informative patches need c directions
-        to explain the auto dimension's share of variance (:func:`curvature.local_pca.dim_from_histogram`)."""
-        counts, informative = explained_counts(self.patches.evals)
-        bins = self.patches.evals.shape[1] + 1
-        flat = (self.classes[self.owner] * bins + counts)[informative]
-        return torch.bincount(flat, minlength=num_classes * bins).reshape(num_classes, bins)
+        """(num_classes, m + 1): each class's histogram that the auto dimension is the median of
+        (:func:`curvature.local_pca.dim_from_histogram`)."""
+        return explained_count_histograms(self.patches.evals, self.classes[self.owner], num_classes)
 
     def class_curvature(self, dim: int, dtype: torch.dtype) -> torch.Tensor:
         """(C',) ``g_c``: the mean angle curvature of each class normalised to [0, 1] (SPEC §4)."""
@@ -231,3 +227,7 @@ class QueueCurvature(nn.Module):
         """Keep ``curvature`` (C',) of the measured ``classes`` (C',) where ``keep`` (C',) is set."""
         self.curvature[classes[keep]] = curvature[keep].to(self.curvature.dtype)
         self.measured[classes[keep]] = True
+
+    def forget(self) -> None:
+        """Keep nothing: the next step measures every class."""
+        self.version.fill_(-1)
