@@ -43,31 +43,42 @@ from orchestrator.models import create_model
 FILL_VALUES = 2**27
 
 
-def timed_steps(model, loss_fn, cr, batches, weight: float, device: torch.device, amp: bool,
-                every_class: bool = False) -> list[float]:
-    """Wall time of each optimizer step (forward, losses, backward, update); ``every_class``: CR
-    forgets, before each step, the curvatures it keeps of classes measured on their queue alone, so
-    that it measures every class every step (how CR worked before it kept them)."""
+@dataclasses.dataclass(frozen=True)
+class StepKind:
+    """One kind of timed training step: ``cr_weight`` 0 is the base step; ``every_class``: CR forgets,
+    before the step, the curvatures it keeps of classes measured on their queue alone, so that it
+    measures every class (how CR worked before it kept them)."""
+
+    cr_weight: float
+    every_class: bool = False
+
+
+def interleaved_steps(model, loss_fn, cr, batches, kinds: list[StepKind], device: torch.device, amp: bool,
+                      passes: int = 2) -> list[list[float]]:
+    """Wall time of each optimizer step (forward, losses, backward, update), per kind: on every batch
+    each kind takes one step, in reversed order on every other batch, so that the load episodes of a
+    shared machine (seconds long on the 2-core VM) fall on all kinds alike."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    times = []
-    for images, labels in batches:
+    times: list[list[float]] = [[] for _ in kinds]
+    for step, (images, labels) in enumerate(batches * passes):
         images, labels = images.to(device), labels.to(device)
-        if every_class:
-            cr.queue_curvature.forget()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            features, logits = model(images)
-            loss = loss_fn(logits, labels)
-        if weight > 0:
-            loss = loss + weight * cr(features, labels, epoch=10**6).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        for index in (range(len(kinds)) if step % 2 == 0 else reversed(range(len(kinds)))):
+            if kinds[index].every_class:
+                cr.queue_curvature.forget()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                features, logits = model(images)
+                loss = loss_fn(logits, labels)
+            if kinds[index].cr_weight > 0:
+                loss = loss + kinds[index].cr_weight * cr(features, labels, epoch=10**6).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[index].append(time.perf_counter() - start)
     return times
 
 
@@ -75,7 +86,7 @@ def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_clas
             amp: bool, fill: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
             every_class_too: bool = False, gather: GatherFn | None = None) -> CurvatureRegularizer:
     """Print one table row, and with ``every_class_too`` a second one timed in the same passes with
-    CR measuring every class every step (:func:`timed_steps`); ``gather`` replaces CR's all-gather
+    CR measuring every class every step (:class:`StepKind`); ``gather`` replaces CR's all-gather
     once the queues are full. ``fill()``: one pass of (images, labels) whose features fill the queues,
     called again while a class is short. It should yield distinct examples: in training a queue
     holds features of different examples, or of one example at different steps, not exact copies,
@@ -91,20 +102,18 @@ def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_clas
     if gather is not None:
         cr.queue.gather = gather
     warmup = 3
-    base, with_cr, every = [], [], []
-    for _ in range(2):  # interleave so that drift in machine load hits both alike
-        base += timed_steps(model, loss_fn, cr, batches, 0.0, device, amp)[warmup:]
-        with_cr += timed_steps(model, loss_fn, cr, batches, 1.0, device, amp)[warmup:]
-        if every_class_too:
-            every += timed_steps(model, loss_fn, cr, batches, 1.0, device, amp, every_class=True)[warmup:]
+    kinds = [StepKind(0.0), StepKind(1.0)] + ([StepKind(1.0, every_class=True)] if every_class_too else [])
+    base, *with_cr = (times[warmup:] for times in interleaved_steps(model, loss_fn, cr, batches, kinds, device, amp))
     t_base = statistics.median(base)
     queue_mb = cr.queue.queue.numel() * cr.queue.queue.element_size() / 2**20
     dim = cr(model(batches[0][0].to(device))[0], batches[0][1].to(device), epoch=10**6).tangent_dim
-    for label, times in ((name, with_cr), (f"{name}, every class measured each step", every)):
-        if times:
-            t_cr = statistics.median(times)
-            print(f"| {label} | {state} | {device.type} | {num_classes} | {len(batches[0][1])} | {cr_config.queue_size} | "
-                  f"{cr_config.k} | {dim} | {t_base * 1e3:.1f} | {t_cr * 1e3:.1f} | {t_cr / t_base:.2f} | {queue_mb:.2f} |")
+    for label, times in zip((name, f"{name}, every class measured each step"), with_cr):
+        # The ratio is the median over batches of (CR step / base step on the same batch, taken
+        # back to back), which cancels the machine's slow episodes better than a ratio of medians.
+        ratio = statistics.median(cr_time / base_time for cr_time, base_time in zip(times, base))
+        print(f"| {label} | {state} | {device.type} | {num_classes} | {len(batches[0][1])} | {cr_config.queue_size} | "
+              f"{cr_config.k} | {dim} | {t_base * 1e3:.1f} | {statistics.median(times) * 1e3:.1f} | {ratio:.2f} | "
+              f"{queue_mb:.2f} |")
     return cr
 
 
