@@ -43,7 +43,23 @@ def cloud_grams(clouds: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     sums = points.new_zeros(clouds.shape[0], dim).index_add_(0, block, points[members].detach())
     counts = torch.bincount(block, minlength=clouds.shape[0]).clamp_min(1)
     centred = points.reshape(clouds.shape) - (sums / counts[:, None])[:, None, :]
-    return centred @ centred.mT
+    return _OuterGram.apply(centred)
+
+
+class _OuterGram(torch.autograd.Function):
+    """``X Xᵀ`` of a batch of clouds. Its gradient ``(G + Gᵀ) X`` is one batched product, where
+    autograd's for ``X @ X.mT`` takes one per operand: one of the largest products in CR's backward
+    saved (0.15-0.5 ms of CR's 13-27 ms in a Fashion-MNIST step on the 2-core CPU, in-process A/B)."""
+
+    @staticmethod
+    def forward(ctx, clouds: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(clouds)
+        return clouds @ clouds.mT
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (clouds,) = ctx.saved_tensors
+        return (grad + grad.mT) @ clouds
 
 
 def neighbours_from_grams(grams: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
