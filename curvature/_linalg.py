@@ -15,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 #: Batches of fewer elements than this are decomposed on the calling thread. Splitting pays only when
-#: each thread gets enough work: in a real workload the ATen ops just before leave OpenMP workers on the
-#: same cores. Measured on the 2-core machine inside ``tangent_rotation``: the pool 1.5x faster at
-#: 1.2M elements, 10% at 363k, no faster at 121k; and CR's batches in a Fashion-MNIST step (~50k:
-#: 448 patch problems of 11 x 11, ~2,900 pair problems of 4 x 4) took its forward and backward from
-#: 19.5 to 21.7 ms (means of eight alternated pairs of processes).
+#: each thread gets enough work: in a real workload the ATen ops just before leave OpenMP workers on
+#: the same cores. Measured on the 2-core machine inside ``tangent_rotation``, the pool was 1.5x
+#: faster at 1.2M elements, 10% at 363k and no faster at 121k. CR's batches in a Fashion-MNIST step
+#: (~50k: 448 patch problems of 11 x 11, ~2,900 pair problems of 4 x 4) were slower with it: CR's
+#: forward and backward 21.7 ms against 19.5 ms on the calling thread (means of eight alternated
+#: pairs of processes).
 _MIN_PARALLEL_ELEMENTS = 2**18
 #: Elements per eigh call in a pool thread: below ATen's parallel grain (32,768) so the copies inside
 #: ``eigh`` stay serial. A larger call opens an OpenMP team owned by the pool thread whose idle
@@ -41,9 +42,9 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh`` over a batch; on CPU split across threads, since LAPACK solves the
-    small matrices one at a time on one core (for large batches: see ``_MIN_PARALLEL_ELEMENTS``); on CUDA split
-    into batches cuSOLVER accepts."""
+    """``torch.linalg.eigh`` over a batch; on CPU a large batch is split across threads, since LAPACK
+    solves the small matrices one at a time on one core (see ``_MIN_PARALLEL_ELEMENTS``); on CUDA
+    split into batches cuSOLVER accepts."""
     flat = matrices.reshape(-1, *matrices.shape[-2:])
     if flat.device.type == "cuda":
         parts = [torch.linalg.eigh(part) for part in flat.split(_CUDA_MAX_BATCH)]
