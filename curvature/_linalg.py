@@ -9,7 +9,6 @@ those are defined, and bounded gradients where they are not.
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -48,8 +47,7 @@ def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = matrices.reshape(-1, *matrices.shape[-2:])
     if flat.device.type == "cuda":
         parts = [torch.linalg.eigh(part) for part in flat.split(_CUDA_MAX_BATCH)]
-    elif (flat.device.type == "cpu" and torch.get_num_threads() >= 2 and flat.numel() >= _MIN_PARALLEL_ELEMENTS
-          and not os.environ.get("CURVLT_SERIAL_EIGH")):
+    elif flat.device.type == "cpu" and torch.get_num_threads() >= 2 and flat.numel() >= _MIN_PARALLEL_ELEMENTS:
         parts = list(_pool().map(torch.linalg.eigh, flat.split(max(1, _SERIAL_ELEMENTS // flat[0].numel()))))
     else:
         parts = [torch.linalg.eigh(flat)]
