@@ -178,13 +178,11 @@ class CurvatureRegularizer(nn.Module):
                     cache.curvature[again.classes] = again.class_curvature(dim, cache.curvature.dtype)
         measured = kept & cache.measured
         curvature = torch.where(measured, cache.curvature.to(features.dtype), 0.0)
-        alone = ~kept & ~in_batch  # queue alone, measured now for the first time since it changed
-        cache.remember(alone, self.queue.version, histogram, dim)
         if fresh is not None:
-            g = fresh.class_curvature(dim, features.dtype)
-            curvature = curvature.index_put((fresh.classes,), g)
+            curvature = curvature.index_put((fresh.classes,), fresh.class_curvature(dim, features.dtype))
             measured = measured.index_put((fresh.classes,), torch.ones_like(fresh.classes, dtype=torch.bool))
-            cache.remember_curvature(fresh.classes, g, alone[fresh.classes])
+        alone = ~kept & ~in_batch  # queue alone, measured now for the first time since it changed
+        cache.remember(alone, self.queue.version, histogram, curvature, measured, dim)
         if not bool(measured.any()):
             return unmeasured
         values = curvature[measured]
@@ -214,19 +212,16 @@ class QueueCurvature(nn.Module):
         self.dim = 0
 
     @torch.no_grad()
-    def remember(self, classes: torch.Tensor, version: torch.Tensor, histogram: torch.Tensor, dim: int) -> None:
-        """Keep the histograms of the ``classes`` mask, measured on their queues at ``version``;
-        ``g_c`` follows from :meth:`remember_curvature` for those that had k + 1 points."""
+    def remember(self, classes: torch.Tensor, version: torch.Tensor, histogram: torch.Tensor,
+                 curvature: torch.Tensor, measured: torch.Tensor, dim: int) -> None:
+        """Keep, for the ``classes`` mask (C,), what was measured on their queues at ``version``:
+        their count ``histogram`` rows, ``curvature`` (``g_c``, C,) and ``measured`` (C,, whether
+        they had k + 1 points); ``dim``: the tangent dimension of every kept ``g_c``."""
         self.version.copy_(torch.where(classes, version, self.version))
         self.histogram.copy_(torch.where(classes[:, None], histogram, self.histogram))
-        self.measured &= ~classes
+        self.curvature.copy_(torch.where(classes, curvature.to(self.curvature.dtype), self.curvature))
+        self.measured.copy_(torch.where(classes, measured, self.measured))
         self.dim = dim
-
-    @torch.no_grad()
-    def remember_curvature(self, classes: torch.Tensor, curvature: torch.Tensor, keep: torch.Tensor) -> None:
-        """Keep ``curvature`` (C',) of the measured ``classes`` (C',) where ``keep`` (C',) is set."""
-        self.curvature[classes[keep]] = curvature[keep].to(self.curvature.dtype)
-        self.measured[classes[keep]] = True
 
     def forget(self) -> None:
         """Keep nothing: the next step measures every class."""
