@@ -14,7 +14,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from curvature.regularizer import CurvatureRegularizer
 from orchestrator.config import ExperimentConfig, config_from_dict
@@ -35,6 +35,14 @@ def is_geometry_epoch(config: ExperimentConfig, epoch: int) -> bool:
     return every > 0 and ((epoch + 1) % every == 0 or epoch == config.train.epochs - 1)
 
 
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one worker's random draws in one epoch (data augmentation). Why: an epoch's data
+    order (``DistributedSampler``: seed + epoch) and its augmentation then depend on the run's seed,
+    the epoch and the worker alone, so a run resumed from a checkpoint at an epoch's end trains on
+    exactly the batches the uninterrupted run would have, and workers do not draw the same crops."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
 def _mean_across_workers(values: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values)
@@ -51,7 +59,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     seconds = {"setup": 0.0, "train": 0.0, "eval": 0.0, "logging": 0.0, "checkpoint": 0.0}  # benchmarks/sweep.py
     config = config_from_dict(payload["config"])
     context = ray.train.get_context()
-    is_main = context.get_world_rank() == 0
+    rank = context.get_world_rank()
+    is_main = rank == 0
     world_size = context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)  # identical initial weights on every worker
@@ -68,9 +77,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=config.train.lr, momentum=config.train.momentum,
                                 weight_decay=config.train.weight_decay)
     per_worker_batch = max(1, config.train.batch_size // world_size)
+    # Our own sampler, also on one worker: Ray's would shuffle with seed 0 whatever config.seed says.
+    sampler = DistributedSampler(data.train, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed)
     train_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(data.train, batch_size=per_worker_batch, shuffle=True,
-                   generator=torch.Generator().manual_seed(config.seed)))
+        DataLoader(data.train, batch_size=per_worker_batch, sampler=sampler), add_dist_sampler=False)
     test_loader = DataLoader(data.test, batch_size=512)
     geometry_loader = DataLoader(Subset(data.train_plain, per_class_subsample(
         data.train_labels, config.eval.geometry_max_points, config.seed).tolist()), batch_size=512)
@@ -93,8 +103,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
     for epoch in range(start_epoch, config.train.epochs):
         base_loss.set_epoch(epoch)
-        if world_size > 1:
-            train_loader.sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(config.seed, epoch, rank))
         model.train()
         clock = time.perf_counter()
         sums = torch.zeros(4, device=device)  # total, base, cr, steps

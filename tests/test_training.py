@@ -84,14 +84,17 @@ def _train_workers(root: psutil.Process) -> list[psutil.Process]:
     return workers
 
 
+def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
 def test_killed_worker_resumes_from_checkpoint_and_logs_each_epoch_once(mlflow_server, tmp_path):
     epochs = 8
-    process = subprocess.Popen(
-        [CURVLT, "train", "digits_lt", "--set", f"train.epochs={epochs}", "--set", "train.batch_size=8",
-         "--set", "cr.weight=0.2", "--set", "cr.start_epoch=0", "--set", "checkpoint.every=1",
-         "--set", "eval.geometry_every=2", "--set", f"mlflow.tracking_uri={mlflow_server}",
-         "--set", "mlflow.experiment=kill-resume"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [CURVLT, "train", "digits_lt", "--set", f"train.epochs={epochs}", "--set", "train.batch_size=8",
+            "--set", "cr.weight=0.2", "--set", "cr.start_epoch=0", "--set", "checkpoint.every=1",
+            "--set", "eval.geometry_every=2", "--set", f"mlflow.tracking_uri={mlflow_server}"]
+    process = subprocess.Popen(args + ["--set", "mlflow.experiment=kill-resume"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(process.pid)
     client = MlflowClient(mlflow_server)
     killed = None
@@ -113,3 +116,11 @@ def test_killed_worker_resumes_from_checkpoint_and_logs_each_epoch_once(mlflow_s
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "test/acc")]
     assert sorted(steps) == list(range(epochs)), steps  # every epoch once: none lost, none repeated
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == steps
+
+    # The same run, never interrupted: the resumed epochs trained on the same batches and draws.
+    reference = subprocess.run(args + ["--set", "mlflow.experiment=no-kill"], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    _, uninterrupted = only_run(mlflow_server, "no-kill")
+    for key in ("train/loss", "train/cr_loss", "test/acc"):
+        assert _history(client, run.info.run_id, key) == _history(client, uninterrupted.info.run_id, key), key
