@@ -87,6 +87,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     amp: bool = True  # bfloat16 autocast on GPU; ignored on CPU
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 shrinks a job for smoke tests
+    progress_every_s: float = 30.0  # rank 0 prints a step-progress line this often; 0 = once per epoch
 
 
 @dataclass
@@ -169,6 +170,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.gamma": _POSITIVE,
     "train.warmup_epochs": _NON_NEGATIVE,
     "train.max_steps_per_epoch": _NON_NEGATIVE,
+    "train.progress_every_s": _NON_NEGATIVE,
     "eval.geometry_every": _NON_NEGATIVE,
     "eval.geometry_max_points": (lambda v: v >= 2, ">= 2"),
     "eval.geometry_k": (lambda v: v >= 3, ">= 3"),

@@ -101,6 +101,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     steps_per_epoch = len(train_loader)
     if config.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
+    progress_every = config.train.progress_every_s
     for epoch in range(start_epoch, config.train.epochs):
         base_loss.set_epoch(epoch)
         sampler.set_epoch(epoch)
@@ -108,6 +109,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         model.train()
         clock = time.perf_counter()
         sums = torch.zeros(4, device=device)  # total, base, cr, steps
+        shown = clock
         for step, (images, labels) in enumerate(train_loader):
             if step >= steps_per_epoch:
                 break
@@ -123,6 +125,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             optimizer.step()
             sums += torch.stack([loss.detach(), loss_base.detach(), cr_result.loss.detach(),
                                  torch.ones((), device=device)])
+            if is_main and progress_every and time.perf_counter() - shown >= progress_every:
+                shown = time.perf_counter()
+                print(f"[curvlt] epoch {epoch + 1}/{config.train.epochs}  step {step + 1}/{steps_per_epoch}  "
+                      f"loss {float(sums[0] / sums[3]):.4f}  {(step + 1) / (shown - clock):.1f} steps/s", flush=True)
         sums = _mean_across_workers(sums)
         seconds["train"] += time.perf_counter() - clock
         clock = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,15 @@ def test_two_worker_digits_run_logs_everything(mlflow_server, tmp_path):
     assert {"geometry/epoch_000.csv", "geometry/epoch_001.csv", "geometry/epoch_002.csv",
             "plots/accuracy_vs_curvature.png", "plots/correlations_over_epochs.png"} <= set(paths)
     assert Path(run.data.tags["curvlt.checkpoint"]).is_dir()
+
+
+def test_step_progress_lines_within_an_epoch(mlflow_server, tmp_path):
+    result = curvlt("train", "digits_lt", "--set", "train.epochs=2", "--set", "train.progress_every_s=0.001",
+                    "--set", f"mlflow.tracking_uri={mlflow_server}", "--set", "mlflow.experiment=progress",
+                    cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = re.findall(r"epoch 2/2  step (\d+)/(\d+)  loss \d+\.\d{4}  \d+\.\d steps/s", result.stdout + result.stderr)
+    assert len(lines) >= 2 and int(lines[-1][0]) > int(lines[0][0]), (result.stdout + result.stderr)[-3000:]
 
 
 def test_unreachable_tracking_server_stops_before_training(tmp_path):
