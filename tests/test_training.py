@@ -127,10 +127,14 @@ def test_killed_worker_resumes_from_checkpoint_and_logs_each_epoch_once(mlflow_s
     assert sorted(steps) == list(range(epochs)), steps  # every epoch once: none lost, none repeated
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == steps
 
-    # The same run, never interrupted: the resumed epochs trained on the same batches and draws.
+    # The same run, never interrupted: the resumed epochs trained on the same batches and draws. Not
+    # to the bit: after the restart CR measures afresh the classes whose curvature it had kept, which
+    # can differ in the last float32 bit (other batches give losses that differ by percents).
     reference = subprocess.run(args + ["--set", "mlflow.experiment=no-kill"], cwd=tmp_path, capture_output=True,
                                text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]
     _, uninterrupted = only_run(mlflow_server, "no-kill")
-    for key in ("train/loss", "train/cr_loss", "test/acc"):
-        assert _history(client, run.info.run_id, key) == _history(client, uninterrupted.info.run_id, key), key
+    for key, tolerance in (("train/loss", {"rel": 1e-4}), ("train/cr_loss", {"rel": 1e-4}),
+                           ("test/acc", {"abs": 1.5 / 500})):  # one of digits' 500 test images
+        expected = _history(client, uninterrupted.info.run_id, key)
+        assert _history(client, run.info.run_id, key) == pytest.approx(expected, **tolerance), key
