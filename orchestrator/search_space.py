@@ -17,7 +17,7 @@ from orchestrator.errors import UserError
 SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_LEVEL = ("base", "experiment", "fixed", "param_space", "tune")
-TUNE_KEYS = ("metric", "mode", "scheduler", "num_samples", "max_concurrent_trials", "resources_per_trial")
+TUNE_KEYS = ("metric", "mode", "scheduler", "num_samples", "max_concurrent_trials", "resources_per_trial", "seed")
 
 
 @dataclass
@@ -42,6 +42,7 @@ class SearchSpace:
     max_concurrent_trials: int = 0  # 0 = as many as resources allow
     cpu_per_trial: float = 1.0
     gpu_per_trial: float = 0.0
+    sample_seed: int = 0  # ``tune.seed``: the sampled values (choice, uniform, ...) repeat with it
 
 
 def resolve_space_path(name_or_path: str) -> Path:
@@ -120,7 +121,7 @@ def load_space(name_or_path: str, cli_overrides: list[str] | None = None) -> Sea
                         f"got {resources!r}")
     if tune.get("mode", "max") not in ("max", "min"):
         raise UserError(f"tune.mode: must be 'max' or 'min', got {tune.get('mode')!r}")
-    for key in ("num_samples", "max_concurrent_trials"):
+    for key in ("num_samples", "max_concurrent_trials", "seed"):
         value = tune.get(key, 1 if key == "num_samples" else 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "num_samples" else 0):
             raise UserError(f"tune.{key}: must be an integer >= {1 if key == 'num_samples' else 0}, got {value!r}")
@@ -131,7 +132,8 @@ def load_space(name_or_path: str, cli_overrides: list[str] | None = None) -> Sea
         fixed=dict(data.get("fixed") or {}), params=params, metric=str(tune.get("metric", "test/acc")),
         mode=tune.get("mode", "max"), scheduler=Scheduler(**scheduler),
         num_samples=tune.get("num_samples", 1), max_concurrent_trials=tune.get("max_concurrent_trials", 0),
-        cpu_per_trial=float(resources.get("cpu", 1)), gpu_per_trial=float(resources.get("gpu", 0)))
+        cpu_per_trial=float(resources.get("cpu", 1)), gpu_per_trial=float(resources.get("gpu", 0)),
+        sample_seed=tune.get("seed", 0))
     _validate_against_configs(space, cli_overrides or [])
     return space
 

@@ -36,6 +36,15 @@ def _scheduler(space: SearchSpace, epochs: int):
     return FIFOScheduler()
 
 
+def search_algorithm(space: SearchSpace):
+    """Tune's variant generator, seeded with ``tune.seed`` so that a space's sampled values (choice,
+    uniform, loguniform, randint) are the same in every sweep of it; it also keeps at most
+    ``max_concurrent_trials`` running, since Tune ignores its own limit when given a generator."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=space.max_concurrent_trials, random_state=space.sample_seed)
+
+
 def latest_sweep(space: SearchSpace, root: Path) -> Path:
     candidates = sorted(root.glob(f"{space.name}-*"), key=lambda p: p.stat().st_mtime)
     if not candidates:
@@ -76,7 +85,7 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> tup
         tuner = tune.Tuner(
             trainable, param_space=tune_param_space(space),
             tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
-                                        max_concurrent_trials=space.max_concurrent_trials or None,
+                                        search_alg=search_algorithm(space),
                                         scheduler=_scheduler(space, first.train.epochs)),
             run_config=tune.RunConfig(name=sweep_id, storage_path=str(folder.parent), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=1),

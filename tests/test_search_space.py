@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import UserError
-from orchestrator.search_space import SPACE_DIR, count_trials, load_space, trial_config
+from orchestrator.search_space import SPACE_DIR, SearchSpace, count_trials, load_space, trial_config, tune_param_space
+from orchestrator.sweep import search_algorithm
 
 SHIPPED = sorted(path.stem for path in SPACE_DIR.glob("*.yaml"))
 
@@ -52,6 +53,7 @@ def write(tmp_path, text: str) -> str:
     ("base: digits_lt\ntune: {scheduler: {name: hyperband}}", "tune.scheduler: must be"),
     ("base: digits_lt\ntune: {resources_per_trial: {gpu: -1}}", "tune.resources_per_trial"),
     ("base: digits_lt\ntune: {budget: 3}", "tune.budget: unknown key"),
+    ("base: digits_lt\ntune: {seed: -1}", "tune.seed: must be an integer >= 0"),
     ("base: digits_lt\nextra: 1", "unknown key 'extra'"),
 ])
 def test_bad_spaces_stop_with_a_clear_message(tmp_path, body, message):
@@ -63,3 +65,31 @@ def test_bad_spaces_stop_with_a_clear_message(tmp_path, body, message):
 def test_unknown_space_lists_shipped():
     with pytest.raises(UserError, match="bundled: "):
         load_space("nope")
+
+
+def _sampled_trials(space: SearchSpace) -> list[dict]:
+    """The trial configs the sweep's variant generator hands out, without running them."""
+    from ray.tune.experiment import Experiment
+
+    generator = search_algorithm(space)
+    generator.add_configurations([Experiment("sampled", run=lambda config: None, config=tune_param_space(space),
+                                             num_samples=space.num_samples)])
+    trials = []
+    while (trial := generator.next_trial()) is not None:
+        trials.append(trial.config)
+    return trials
+
+
+def test_sampled_values_repeat_with_the_space_seed(tmp_path):
+    body = ("base: digits_lt\nparam_space: {train.lr: {loguniform: [0.01, 0.2]}, cr.weight: {choice: [0.0, 0.5, 1.0]}}\n"
+            "tune: {num_samples: 4, seed: %d}")
+    first, again = (_sampled_trials(load_space(write(tmp_path, body % 3))) for _ in range(2))
+    other = _sampled_trials(load_space(write(tmp_path, body % 4)))
+    assert len(first) == 4 and first == again, (first, again)
+    assert [trial["train.lr"] for trial in first] != [trial["train.lr"] for trial in other]
+
+
+def test_at_most_max_concurrent_trials_are_handed_out_at_once(tmp_path):
+    body = "base: digits_lt\nparam_space: {cr.weight: {grid: [0.0, 0.5, 1.0]}}\ntune: {max_concurrent_trials: %d}"
+    assert len(_sampled_trials(load_space(write(tmp_path, body % 2)))) == 2
+    assert len(_sampled_trials(load_space(write(tmp_path, body % 0)))) == 3  # 0: no limit
