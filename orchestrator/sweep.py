@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.errors import UserError
 from orchestrator.ray_env import ensure_ray
@@ -16,6 +17,9 @@ from orchestrator.search_space import SearchSpace, trial_config, tune_param_spac
 from orchestrator.tracking import check_reachable, experiment_id, resolve_tracking_uri
 from orchestrator.trainer import is_uri, run_storage
 from orchestrator.trial import SweepTrial
+
+if TYPE_CHECKING:
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
 
 def sweeps_root(storage: str) -> Path:
@@ -36,7 +40,7 @@ def _scheduler(space: SearchSpace, epochs: int):
     return FIFOScheduler()
 
 
-def search_algorithm(space: SearchSpace):
+def search_algorithm(space: SearchSpace) -> BasicVariantGenerator:
     """Tune's variant generator, seeded with ``tune.seed`` so that a space's sampled values (choice,
     uniform, loguniform, randint) are the same in every sweep of it; it also keeps at most
     ``max_concurrent_trials`` running, since Tune ignores its own limit when given a generator."""
