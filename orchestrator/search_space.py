@@ -121,10 +121,10 @@ def load_space(name_or_path: str, cli_overrides: list[str] | None = None) -> Sea
                         f"got {resources!r}")
     if tune.get("mode", "max") not in ("max", "min"):
         raise UserError(f"tune.mode: must be 'max' or 'min', got {tune.get('mode')!r}")
-    for key in ("num_samples", "max_concurrent_trials", "seed"):
-        value = tune.get(key, 1 if key == "num_samples" else 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "num_samples" else 0):
-            raise UserError(f"tune.{key}: must be an integer >= {1 if key == 'num_samples' else 0}, got {value!r}")
+    for key, least in (("num_samples", 1), ("max_concurrent_trials", 0), ("seed", 0)):
+        value = tune.get(key, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"tune.{key}: must be an integer >= {least}, got {value!r}")
     base = params.pop("base", None)
     bases = base["grid"] if base else (data["base"] if isinstance(data["base"], list) else [data["base"]])
     space = SearchSpace(
