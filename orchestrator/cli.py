@@ -21,13 +21,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one sub-command; a ``UserError`` becomes ``curvlt: error: <message>`` and exit status 2."""
+    """Run one sub-command; a ``UserError`` becomes ``curvlt: error: <message>`` and exit status 2,
+    Ctrl-C exit status 130."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except UserError as exc:
         print(f"curvlt: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was stopped has said how to resume it; no traceback
+        print("curvlt: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

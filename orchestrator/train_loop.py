@@ -95,6 +95,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         cr.load_state_dict(state["cr"])
         start_epoch = state["epoch"] + 1
+        if is_main:
+            print(f"[curvlt] resuming after epoch {start_epoch}/{config.train.epochs} from its checkpoint", flush=True)
     logger = RunLogger(payload["tracking_uri"], payload["run_id"]) if is_main else None
 
     seconds["setup"] = time.perf_counter() - started

@@ -4,6 +4,7 @@ then plots and a summary read back from MLflow."""
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import pandas as pd
 from orchestrator.config import ExperimentConfig
 from orchestrator.plots import accuracy_vs_curvature, correlations_over_epochs
 from orchestrator.ray_env import ensure_ray
+from orchestrator.run_resume import STORAGE_TAG, check_checkpoints_found, run_to_resume
 from orchestrator.tracking import (RUN_KEY_TAG, check_reachable, client, find_run, finish_run, resolve_tracking_uri,
                                    start_run)
 from orchestrator.train_loop import train_loop_per_worker
@@ -40,12 +42,15 @@ def run_storage(config: ExperimentConfig) -> str:
 
 
 def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key: str | None = None,
-          callbacks: list | None = None, stopping: threading.Event | None = None) -> TrainingOutcome:
+          callbacks: list | None = None, stopping: threading.Event | None = None,
+          resume: str | None = None) -> TrainingOutcome:
     """Train one configuration end to end; the MLflow run ends FINISHED, FAILED or KILLED.
 
     ``run_key`` names a run that may already exist (a sweep trial being resumed): its MLflow run is
     reused — or, if it already FINISHED, returned without training — and its Ray Train run of the
-    same name resumes from its latest checkpoint. ``callbacks`` go to Ray Train (e.g. a sweep
+    same name resumes from its latest checkpoint. ``resume`` (a run id, or
+    :data:`~orchestrator.run_resume.LATEST`) does the same for a run started by ``curvlt train``
+    (:func:`~orchestrator.run_resume.run_to_resume`). ``callbacks`` go to Ray Train (e.g. a sweep
     trial's relay). If the run fails once ``stopping`` is set (its sweep trial aborted it), or on
     Ctrl-C, it ends KILLED rather than FAILED: stopped, not broken, and resumable.
     """
@@ -54,7 +59,15 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
 
     uri = resolve_tracking_uri(config.mlflow.tracking_uri)
     check_reachable(uri)
-    existing = find_run(uri, config.mlflow.experiment, run_key) if run_key else None
+    storage = run_storage(config)
+    if resume is not None:
+        existing = run_to_resume(uri, config, resume)
+        if not config.checkpoint.storage_path:  # where the run kept its checkpoints, from any directory
+            storage = existing.data.tags.get(STORAGE_TAG, storage)
+        if not is_uri(storage):
+            check_checkpoints_found(uri, existing, Path(storage) / f"curvlt-{existing.info.run_id}")
+    else:
+        existing = find_run(uri, config.mlflow.experiment, run_key) if run_key else None
     if existing is not None and existing.info.status == "FINISHED":
         return TrainingOutcome(existing.info.run_id, uri, existing.data.tags.get("curvlt.checkpoint"),
                                dict(existing.data.metrics), trained=False)
@@ -62,7 +75,8 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
         run_id = existing.info.run_id
         client(uri).update_run(run_id, status="RUNNING")
     else:
-        run_id = start_run(uri, config, {**(tags or {}), **({RUN_KEY_TAG: run_key} if run_key else {})})
+        run_id = start_run(uri, config, {**(tags or {}), STORAGE_TAG: storage,
+                                         **({RUN_KEY_TAG: run_key} if run_key else {})})
     ensure_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -71,7 +85,7 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
                                      resources_per_worker={"CPU": config.scaling.cpus_per_worker,
                                                            **({"GPU": config.scaling.gpus_per_worker}
                                                               if config.scaling.use_gpu else {})}),
-        run_config=RunConfig(name=f"curvlt-{run_key or run_id}", storage_path=run_storage(config),
+        run_config=RunConfig(name=f"curvlt-{run_key or run_id}", storage_path=storage,
                              callbacks=callbacks or [],
                              failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
@@ -83,7 +97,11 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
         result = trainer.fit()
     except BaseException:
         stopped = _interrupted() or (stopping is not None and stopping.is_set())
-        finish_run(uri, run_id, "KILLED" if stopped else "FAILED", {})
+        status = "KILLED" if stopped else "FAILED"
+        finish_run(uri, run_id, status, {})
+        if run_key is None:
+            print(f"[curvlt] run {run_id} ended {status}; the same command with --resume {run_id} continues it "
+                  f"from its last checkpoint", file=sys.stderr, flush=True)
         raise
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     log_plots(uri, run_id, config)
@@ -92,9 +110,9 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
 
 
 def _interrupted() -> bool:
-    import sys
-
-    return isinstance(sys.exc_info()[1], KeyboardInterrupt)
+    """Ctrl-C: Python's KeyboardInterrupt, or the SystemExit that Ray Train's own SIGINT handler
+    raises once it has aborted the run (``ray.train.v2``'s ``DataParallelTrainer``)."""
+    return isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit))
 
 
 def latest_metrics(uri: str, run_id: str) -> dict[str, float]:

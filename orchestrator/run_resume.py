@@ -1,0 +1,82 @@
+"""Which MLflow run ``curvlt train CONFIG --resume [RUN_ID]`` continues, and whether it may.
+
+Why: a worker that dies is restarted by Ray Train inside the run (``FailureConfig``), but a driver
+that stops (Ctrl-C, a closed terminal, a preempted job) ends the run. Its checkpoints stay in its
+Ray Train folder and its epochs in MLflow, so the same command with ``--resume`` continues that run
+in its own MLflow run from its latest checkpoint instead of training again from epoch 0.
+
+Only a run trained with the same config is continued: a run resumed with another learning rate or
+loss would be neither of the two experiments. Keys that change where or how fast a run trains, not
+what it trains, may differ (:data:`MAY_DIFFER`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.config import ExperimentConfig
+from orchestrator.errors import UserError
+from orchestrator.tracking import RUN_KEY_TAG, client, logged_epochs, public_params
+
+#: ``--resume`` without a run id: the newest unfinished run of the config's experiment with this config.
+LATEST = "latest"
+#: Config keys (prefixes) a resumed run may change: workers and devices, checkpointing, progress
+#: lines, tracking location and name, where the data is read from.
+MAY_DIFFER = ("scaling.", "checkpoint.", "mlflow.", "train.progress_every_s", "dataset.root", "dataset.download")
+#: Tag with the folder (or URI) holding a run's Ray Train checkpoints, so that it is found again
+#: from any working directory.
+STORAGE_TAG = "curvlt.storage"
+
+
+def config_differences(params: dict[str, str], config: ExperimentConfig) -> list[str]:
+    """The keys whose value in ``config`` differs from the run's logged ``params``, as
+    ``key: <run's value> in the run, <value> here``; keys in :data:`MAY_DIFFER` are left out."""
+    differences = []
+    for key, value in public_params(config).items():
+        if key.startswith(MAY_DIFFER):
+            continue
+        logged = params.get(key)
+        if logged != value[:6000]:
+            differences.append(f"{key}: {'not recorded' if logged is None else logged} in the run, {value} here")
+    return differences
+
+
+def run_to_resume(uri: str, config: ExperimentConfig, run_id: str):
+    """The MLflow run to continue: ``run_id``, or with :data:`LATEST` the newest run of
+    ``config.mlflow.experiment`` that did not finish and was trained with this config. Stops with one
+    line when there is none, when the run finished, belongs to a sweep, or had another config."""
+    mlflow_client = client(uri)
+    if run_id == LATEST:
+        experiment = mlflow_client.get_experiment_by_name(config.mlflow.experiment)
+        runs = [] if experiment is None else mlflow_client.search_runs(
+            [experiment.experiment_id], filter_string="attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"])
+        runs = [run for run in runs if RUN_KEY_TAG not in run.data.tags]
+        matching = [run for run in runs if not config_differences(run.data.params, config)]
+        if not matching:
+            other = f" ({len(runs)} with another config; pass one's id to see how it differs)" if runs else ""
+            raise UserError(f"--resume: no unfinished run of experiment {config.mlflow.experiment!r} with this "
+                            f"config{other}")
+        return matching[0]
+    try:
+        run = mlflow_client.get_run(run_id)
+    except Exception as exc:  # MlflowException: RESOURCE_DOES_NOT_EXIST, or a malformed id
+        raise UserError(f"--resume: no run {run_id!r} in the tracking store ({exc.__class__.__name__})") from None
+    if run.info.status == "FINISHED":
+        raise UserError(f"--resume: run {run_id} already finished; nothing to resume")
+    if RUN_KEY_TAG in run.data.tags:
+        raise UserError(f"--resume: run {run_id} is a sweep trial; resume its sweep with 'curvlt tune NAME --resume'")
+    differences = config_differences(run.data.params, config)
+    if differences:
+        more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+        raise UserError(f"--resume: run {run_id} was trained with another config: {differences[0]}{more}")
+    return run
+
+
+def check_checkpoints_found(uri: str, run, folder: Path) -> None:
+    """Stop when a run that logged epochs has no Ray Train ``folder`` (local) where its checkpoints
+    should be: resuming would silently train from epoch 0 again."""
+    epochs = logged_epochs(uri, run.info.run_id)
+    if epochs and not folder.is_dir():
+        raise UserError(f"--resume: run {run.info.run_id} logged {len(epochs)} epochs but {folder} does not exist; "
+                        f"set checkpoint.storage_path to the folder that holds {folder.name}")
