@@ -71,40 +71,49 @@ def test_step_progress_lines_within_an_epoch(mlflow_server, tmp_path):
     assert len(lines) >= 2 and int(lines[-1][0]) > int(lines[0][0]), (result.stdout + result.stderr)[-3000:]
 
 
-def test_interrupted_run_continues_with_resume_from_another_directory(tmp_path):
-    """Ctrl-C on the driver ends the run KILLED; ``--resume`` (the newest unfinished run with this
-    config) continues it from its checkpoint, in the same MLflow run, found from another directory
-    through the run's storage tag."""
+def test_stopped_run_continues_with_resume_from_another_directory(tmp_path):
+    """SIGTERM (a preempted job) and then Ctrl-C end the run KILLED; ``--resume`` continues it from its
+    checkpoint in the same MLflow run, found from another directory through the run's storage tag:
+    first as the newest unfinished run with this config, then by its id."""
     epochs, started, elsewhere = 8, tmp_path / "started", tmp_path / "elsewhere"
     started.mkdir(), elsewhere.mkdir()
     store = f"sqlite:///{started / 'mlflow.db'}"
     args = [CURVLT, "train", "digits_lt", "--set", f"train.epochs={epochs}", "--set", "train.batch_size=8",
             "--set", "cr.weight=0.2", "--set", "cr.start_epoch=0", "--set", "checkpoint.every=1",
             "--set", f"mlflow.tracking_uri={store}"]
-    process = subprocess.Popen(args, cwd=started, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in process.stdout:
-        output.append(line)
-        if f"epoch 3/{epochs}" in line:
-            process.send_signal(signal.SIGINT)  # Ctrl-C
-    process.wait(timeout=120)
     client = MlflowClient(store)
+    output = _stop_after_epoch(args, started, 2, signal.SIGTERM)
     (run,) = client.search_runs([client.get_experiment_by_name("curvlt-digits").experiment_id])
-    assert run.info.status == "KILLED", "".join(output)[-3000:]
-    assert f"--resume {run.info.run_id}" in "".join(output)
-    logged = len(client.get_metric_history(run.info.run_id, "test/acc"))
-    assert 3 <= logged < epochs
+    assert run.info.status == "KILLED", output[-3000:]
+    assert f"--resume {run.info.run_id}" in output
+    assert 2 <= len(client.get_metric_history(run.info.run_id, "test/acc")) < epochs
 
-    resumed = subprocess.run(args + ["--resume"], cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    output = _stop_after_epoch(args + ["--resume"], elsewhere, 5, signal.SIGINT)  # Ctrl-C
+    assert int(re.search(rf"resuming after epoch (\d+)/{epochs}", output).group(1)) >= 1, output[-3000:]
+    assert client.get_run(run.info.run_id).info.status == "KILLED", output[-3000:]
+
+    resumed = subprocess.run(args + ["--resume", run.info.run_id], cwd=elsewhere, capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    first_epoch = int(re.search(rf"resuming after epoch (\d+)/{epochs}", resumed.stdout + resumed.stderr).group(1))
-    assert first_epoch >= 2  # from a checkpoint, not from epoch 0
+    assert int(re.search(rf"resuming after epoch (\d+)/{epochs}", resumed.stdout + resumed.stderr).group(1)) >= 4
     (run,) = client.search_runs([client.get_experiment_by_name("curvlt-digits").experiment_id])
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "test/acc")]
     assert sorted(steps) == list(range(epochs)), steps  # every epoch once
     again = subprocess.run(args + ["--resume"], cwd=elsewhere, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "no unfinished run of experiment 'curvlt-digits'" in again.stderr
+
+
+def _stop_after_epoch(args: list[str], cwd: Path, epoch: int, stop: signal.Signals) -> str:
+    """Run ``args`` until it prints that it finished ``epoch``, send it ``stop``; its output."""
+    process = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if f"epoch {epoch}/" in line and "loss" in line:
+            process.send_signal(stop)
+    process.wait(timeout=120)
+    return "".join(output)
 
 
 def test_unreachable_tracking_server_stops_before_training(tmp_path):
