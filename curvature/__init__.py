@@ -11,6 +11,7 @@ from curvature.local_pca import intrinsic_dim_from_neighbours
 from curvature.neighbours import Backend, knn, knn_indices
 from curvature.per_class import class_geometry
 from curvature.quadratic import QuadraticCurvature, quadratic_curvature
+from curvature.regularizer import CRResult, CurvatureRegularizer
 from curvature.rotation import TangentRotation, tangent_rotation
 from curvature.volumes import Separation, separation, volume
 
@@ -23,6 +24,8 @@ def intrinsic_dim(points: ArrayLike, k: int = 10, backend: Backend = "auto") -> 
 
 
 __all__ = [
+    "CRResult",
+    "CurvatureRegularizer",
     "QuadraticCurvature",
     "Separation",
     "TangentRotation",

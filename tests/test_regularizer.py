@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +213,33 @@ def test_two_workers_hold_identical_queues():
     for name, tensor in out[0].items():
         assert torch.equal(tensor, out[1][name]), name
     assert int(out[0]["queue.count"].sum()) == 4 * 12
+
+
+def test_the_readme_loop_runs_as_written(tmp_path, monkeypatch):
+    """The README's "CR in your own PyTorch loop" snippet, executed with a small model and data."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### CR in your own PyTorch loop", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)
+    num_classes, feature_dim = 4, 8
+    backbone, head = torch.nn.Linear(6, feature_dim), torch.nn.Linear(feature_dim, num_classes)
+    images, labels = torch.randn(96, 6), torch.arange(96) % num_classes
+
+    def model(batch):
+        features = torch.tanh(backbone(batch))
+        return features, head(features)
+
+    model.state_dict = lambda: {**backbone.state_dict(), **head.state_dict()}  # type: ignore[attr-defined]
+    parameters = [*backbone.parameters(), *head.parameters()]
+    namespace = {"num_classes": num_classes, "feature_dim": feature_dim, "device": "cpu", "epochs": 4,
+                 "model": model, "criterion": torch.nn.functional.cross_entropy,
+                 "optimizer": torch.optim.SGD(parameters, lr=0.1),
+                 "loader": [(images[i:i + 24], labels[i:i + 24]) for i in range(0, 96, 24)]}
+    monkeypatch.chdir(tmp_path)
+    before = [p.detach().clone() for p in parameters]
+    exec(snippet, namespace)
+    result, cr = namespace["result"], namespace["cr"]
+    assert bool(result.measured.all()) and 0 < float(result.loss) < math.inf and result.tangent_dim >= 1
+    assert all(not torch.equal(a, b) for a, b in zip(before, parameters))
+    saved = torch.load(tmp_path / "checkpoint.pt")
+    assert torch.equal(saved["cr"]["queue.queue"], cr.queue.queue) and cr.queue.count.tolist() == [96] * 4  # 4 epochs x 24 per class
