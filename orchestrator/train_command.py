@@ -24,8 +24,9 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.trainer import summary_table, train
 
     config = load_config(args.config, args.overrides)
-    for stop in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stop, _stop)
+    for name in ("SIGTERM", "SIGHUP"):  # SIGHUP: not on Windows
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _stop)
     outcome = train(config, resume=args.resume)
     print(summary_table(outcome))
     return 0
