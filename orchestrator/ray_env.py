@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -69,8 +71,20 @@ def _loopback_only() -> Iterator[None]:
 
 
 def ensure_ray() -> None:
+    """Start or join Ray once per process, keeping the caller's SIGTERM handler: ``ray.init``
+    replaces it with ``sys.exit``, which takes a sweep down without Tune's graceful stop
+    (``orchestrator.cli`` makes SIGTERM do what Ctrl-C does)."""
     if ray.is_initialized():
         return
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        _start_or_join()
+    finally:
+        if callable(sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+def _start_or_join() -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Workers' print() goes straight to the driver once; Ray Train's patch would echo it twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

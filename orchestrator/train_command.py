@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 
 from orchestrator.config import add_overrides_argument, load_config
 from orchestrator.run_resume import LATEST
@@ -24,16 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.trainer import summary_table, train
 
     config = load_config(args.config, args.overrides)
-    for name in ("SIGTERM", "SIGHUP"):  # SIGHUP: not on Windows
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _stop)
     outcome = train(config, resume=args.resume)
     print(summary_table(outcome))
     return 0
 
-
-def _stop(signum: int, frame) -> None:
-    """SIGTERM (a scheduler preempting the job, ``kill``) and SIGHUP (a closed terminal) stop the run
-    as Ctrl-C does: it ends ``KILLED`` in MLflow, resumable with ``--resume``, instead of being left
-    ``RUNNING`` by the default handlers, which end the process at once."""
-    raise KeyboardInterrupt
