@@ -8,6 +8,7 @@ finished run per trial."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,9 +62,16 @@ def latest_sweep(space: SearchSpace, root: Path) -> Path:
 TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}
 
 
-def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> tuple[str, int]:
-    """Run (or resume) the sweep; returns the MLflow experiment holding its runs and how many trials
-    failed."""
+@dataclass
+class SweepOutcome:
+    experiment: str  # the MLflow experiment holding one run per trial
+    failed: int  # trials that ended in an error
+    ended: int  # trials that ended: finished, stopped by the scheduler, or failed; fewer than the
+    #             space's trials when the sweep was interrupted (Ctrl-C, SIGTERM)
+
+
+def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> SweepOutcome:
+    """Run (or resume) the sweep."""
     from ray import tune
 
     first = trial_config(space, space.base[0], {}, cli_overrides)
@@ -102,4 +110,4 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> tup
     errors = [str(result.error).splitlines()[0] for result in results if result.error]
     if errors:
         print(f"[curvlt] {len(errors)} trial(s) failed; first error: {errors[0]}")
-    return first.mlflow.experiment, len(errors)
+    return SweepOutcome(first.mlflow.experiment, len(errors), results.num_terminated + results.num_errors)

@@ -24,10 +24,15 @@ def run(args: argparse.Namespace) -> int:
 
     space = load_space(args.space, args.overrides)
     print(f"[curvlt] {space.name}: {count_trials(space)} trial(s) over {', '.join(space.base)}")
-    experiment, failed = run_sweep(space, args.overrides, args.resume)
-    table = compare_experiment(experiment)
+    outcome = run_sweep(space, args.overrides, args.resume)
+    table = compare_experiment(outcome.experiment)
     print(render(table, "table"))
-    if failed:
-        print(f"curvlt: error: {failed} trial(s) failed (see above); fix and run again with --resume", file=sys.stderr)
+    if outcome.ended < count_trials(space):
+        print(f"curvlt: sweep interrupted after {outcome.ended} of {count_trials(space)} trials; continue it with "
+              f"curvlt tune {args.space} --resume", file=sys.stderr)
+        return 130
+    if outcome.failed:
+        print(f"curvlt: error: {outcome.failed} trial(s) failed (see above); fix and run again with --resume",
+              file=sys.stderr)
         return 1
     return 0

@@ -89,8 +89,10 @@ def test_interrupted_sweep_resumes_remaining_trials(tmp_path):
     while time.time() < deadline and process.poll() is None and not finished_trial_runs(db):
         time.sleep(1)
     assert process.poll() is None, "the sweep ended before it could be interrupted:\n" + process.stdout.read()[-3000:]
-    process.send_signal(signal.SIGINT)  # Ctrl-C
+    process.send_signal(signal.SIGTERM)  # a preempted driver: curvlt makes it do what Ctrl-C does
     output, _ = process.communicate(timeout=300)
+    assert process.returncode == 130, output[-3000:]  # through Tune's graceful stop, not Ray's sys.exit
+    assert "sweep interrupted after" in output and "four.yaml --resume" in output, output[-3000:]
     unfinished = [run for run in sweep_runs(db, "resume-sweep") if run.info.status != "FINISHED"]
     finished_before = [run for run in sweep_runs(db, "resume-sweep") if run.info.status == "FINISHED"]
     assert 1 <= len(finished_before) < 4, output[-3000:]
