@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from orchestrator.errors import UserError
 from orchestrator.ray_env import ensure_ray
-from orchestrator.search_space import SearchSpace, trial_config, tune_param_space
-from orchestrator.tracking import check_reachable, experiment_id, resolve_tracking_uri
+from orchestrator.search_space import SearchSpace, count_trials, trial_config, tune_param_space
+from orchestrator.tracking import SWEEP_TAG, check_reachable, client, experiment_id, finish_run, resolve_tracking_uri
 from orchestrator.trainer import is_uri, run_storage
 from orchestrator.trial import SweepTrial
 
@@ -66,8 +66,12 @@ TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}
 class SweepOutcome:
     experiment: str  # the MLflow experiment holding one run per trial
     failed: int  # trials that ended in an error
-    ended: int  # trials that ended: finished, stopped by the scheduler, or failed; fewer than the
-    #             space's trials when the sweep was interrupted (Ctrl-C, SIGTERM)
+    ended: int  # trials that ended: finished, stopped by the scheduler, or failed
+    trials: int  # the space's trials; more than ``ended`` when the sweep was interrupted (Ctrl-C, SIGTERM)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.ended < self.trials
 
 
 def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> SweepOutcome:
@@ -110,4 +114,21 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> Swe
     errors = [str(result.error).splitlines()[0] for result in results if result.error]
     if errors:
         print(f"[curvlt] {len(errors)} trial(s) failed; first error: {errors[0]}")
-    return SweepOutcome(first.mlflow.experiment, len(errors), results.num_terminated + results.num_errors)
+    outcome = SweepOutcome(first.mlflow.experiment, len(errors), results.num_terminated + results.num_errors,
+                           count_trials(space))
+    if outcome.interrupted:
+        _mark_stopped_trials(uri, first.mlflow.experiment, sweep_id)
+    return outcome
+
+
+def _mark_stopped_trials(uri: str, experiment: str, sweep_id: str) -> None:
+    """End ``KILLED`` the runs of this sweep still ``RUNNING`` in MLflow: Tune ended their trials'
+    actors on the interruption before the trials could say so themselves. ``KILLED`` as for a
+    stopped ``curvlt train`` run: stopped, not broken, and resumed by ``--resume``."""
+    mlflow_client = client(uri)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    running = mlflow_client.search_runs([found.experiment_id], max_results=10000,
+                                        filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and "
+                                                      f"attributes.status = 'RUNNING'")
+    for run in running:
+        finish_run(uri, run.info.run_id, "KILLED", {})

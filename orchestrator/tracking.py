@@ -19,6 +19,8 @@ from orchestrator.errors import UserError
 
 #: Tag holding the stable key of a run that may be resumed (a sweep trial: "<sweep>/<trial id>").
 RUN_KEY_TAG = "curvlt.run_key"
+#: Tag holding the sweep a trial's run belongs to.
+SWEEP_TAG = "curvlt.sweep"
 #: Metric whose history tells which epochs a run has already logged.
 EPOCH_MARKER = "test/acc"
 _SECRET_QUERY = re.compile(r"(?i)((?:token|key|secret|password|pwd|sig)[^=&]*=)[^&]*")

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     outcome = run_sweep(space, args.overrides, args.resume)
     table = compare_experiment(outcome.experiment)
     print(render(table, "table"))
-    if outcome.ended < trials:
+    if outcome.interrupted:
         print(f"curvlt: sweep interrupted after {outcome.ended} of {trials} trials; continue it with "
               f"curvlt tune {args.space} --resume", file=sys.stderr)
         return 130

@@ -94,6 +94,7 @@ def test_interrupted_sweep_resumes_remaining_trials(tmp_path):
     assert process.returncode == 130, output[-3000:]  # through Tune's graceful stop, not Ray's sys.exit
     assert "sweep interrupted after" in output and "four.yaml --resume" in output, output[-3000:]
     unfinished = [run for run in sweep_runs(db, "resume-sweep") if run.info.status != "FINISHED"]
+    assert all(run.info.status == "KILLED" for run in unfinished), [run.info.status for run in unfinished]
     finished_before = [run for run in sweep_runs(db, "resume-sweep") if run.info.status == "FINISHED"]
     assert 1 <= len(finished_before) < 4, output[-3000:]
 
