@@ -16,7 +16,7 @@ from pathlib import Path
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
-from orchestrator.tracking import RUN_KEY_TAG, client, logged_epochs, public_params
+from orchestrator.tracking import RUN_KEY_TAG, client, experiment_runs, logged_epochs, public_params
 
 #: ``--resume`` without a run id: the newest unfinished run of the config's experiment with this config.
 LATEST = "latest"
@@ -36,7 +36,7 @@ def config_differences(params: dict[str, str], config: ExperimentConfig) -> list
         if key.startswith(MAY_DIFFER):
             continue
         logged = params.get(key)
-        if logged != value[:6000]:
+        if logged != value:
             differences.append(f"{key}: {'not recorded' if logged is None else logged} in the run, {value} here")
     return differences
 
@@ -45,12 +45,8 @@ def run_to_resume(uri: str, config: ExperimentConfig, run_id: str):
     """The MLflow run to continue: ``run_id``, or with :data:`LATEST` the newest run of
     ``config.mlflow.experiment`` that did not finish and was trained with this config. Stops with one
     line when there is none, when the run finished, belongs to a sweep, or had another config."""
-    mlflow_client = client(uri)
     if run_id == LATEST:
-        experiment = mlflow_client.get_experiment_by_name(config.mlflow.experiment)
-        runs = [] if experiment is None else mlflow_client.search_runs(
-            [experiment.experiment_id], filter_string="attributes.status != 'FINISHED'",
-            order_by=["attributes.start_time DESC"])
+        runs = experiment_runs(uri, config.mlflow.experiment, "attributes.status != 'FINISHED'")
         runs = [run for run in runs if RUN_KEY_TAG not in run.data.tags]
         matching = [run for run in runs if not config_differences(run.data.params, config)]
         if not matching:
@@ -59,7 +55,7 @@ def run_to_resume(uri: str, config: ExperimentConfig, run_id: str):
                             f"config{other}")
         return matching[0]
     try:
-        run = mlflow_client.get_run(run_id)
+        run = client(uri).get_run(run_id)
     except Exception as exc:  # MlflowException: RESOURCE_DOES_NOT_EXIST, or a malformed id
         raise UserError(f"--resume: no run {run_id!r} in the tracking store ({exc.__class__.__name__})") from None
     if run.info.status == "FINISHED":

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from orchestrator.errors import UserError
 from orchestrator.ray_env import ensure_ray
 from orchestrator.search_space import SearchSpace, count_trials, trial_config, tune_param_space
-from orchestrator.tracking import SWEEP_TAG, check_reachable, client, experiment_id, finish_run, resolve_tracking_uri
+from orchestrator.tracking import (SWEEP_TAG, check_reachable, experiment_id, experiment_runs, finish_run,
+                                   resolve_tracking_uri)
 from orchestrator.trainer import is_uri, run_storage
 from orchestrator.trial import SweepTrial
 
@@ -125,10 +126,5 @@ def _mark_stopped_trials(uri: str, experiment: str, sweep_id: str) -> None:
     """End ``KILLED`` the runs of this sweep still ``RUNNING`` in MLflow: Tune ended their trials'
     actors on the interruption before the trials could say so themselves. ``KILLED`` as for a
     stopped ``curvlt train`` run: stopped, not broken, and resumed by ``--resume``."""
-    mlflow_client = client(uri)
-    found = mlflow_client.get_experiment_by_name(experiment)
-    running = mlflow_client.search_runs([found.experiment_id], max_results=10000,
-                                        filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and "
-                                                      f"attributes.status = 'RUNNING'")
-    for run in running:
+    for run in experiment_runs(uri, experiment, f"tags.`{SWEEP_TAG}` = '{sweep_id}' and attributes.status = 'RUNNING'"):
         finish_run(uri, run.info.run_id, "KILLED", {})

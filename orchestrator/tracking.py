@@ -77,10 +77,11 @@ def experiment_id(uri: str, name: str) -> str:
 
 
 def public_params(config: ExperimentConfig) -> dict[str, str]:
-    """Flattened config for MLflow params, with the tracking URI redacted."""
+    """Flattened config for MLflow params as they are logged: the tracking URI redacted, each value
+    cut to MLflow's 6,000-character limit."""
     params = flatten(config.to_dict())
     params["mlflow.tracking_uri"] = redact(params["mlflow.tracking_uri"])
-    return {key: str(value) for key, value in params.items()}
+    return {key: str(value)[:6000] for key, value in params.items()}
 
 
 def start_run(uri: str, config: ExperimentConfig, tags: dict[str, str] | None = None) -> str:
@@ -90,20 +91,26 @@ def start_run(uri: str, config: ExperimentConfig, tags: dict[str, str] | None = 
     mlflow_client = client(uri)
     run = mlflow_client.create_run(experiment_id(uri, config.mlflow.experiment),
                                    run_name=config.mlflow.run_name or None, tags=tags or {})
-    params = [Param(key, value[:6000]) for key, value in public_params(config).items()]
+    params = [Param(key, value) for key, value in public_params(config).items()]
     for start in range(0, len(params), 100):
         mlflow_client.log_batch(run.info.run_id, params=params[start : start + 100],
                                 tags=[RunTag("curvlt.dataset", config.dataset.name)] if start == 0 else [])
     return run.info.run_id
 
 
-def find_run(uri: str, experiment: str, run_key: str):
-    """The newest run of ``experiment`` tagged with ``run_key``, or None."""
+def experiment_runs(uri: str, experiment: str, filter_string: str, max_results: int = 10000) -> list:
+    """Runs of ``experiment`` that match ``filter_string``, newest first; none when the experiment
+    does not exist."""
     found = client(uri).get_experiment_by_name(experiment)
     if found is None:
-        return None
-    runs = client(uri).search_runs([found.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-                                   order_by=["attributes.start_time DESC"], max_results=1)
+        return []
+    return client(uri).search_runs([found.experiment_id], filter_string=filter_string,
+                                   order_by=["attributes.start_time DESC"], max_results=max_results)
+
+
+def find_run(uri: str, experiment: str, run_key: str):
+    """The newest run of ``experiment`` tagged with ``run_key``, or None."""
+    runs = experiment_runs(uri, experiment, f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
     return runs[0] if runs else None
 
 

@@ -23,13 +23,12 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.sweep import run_sweep
 
     space = load_space(args.space, args.overrides)
-    trials = count_trials(space)
-    print(f"[curvlt] {space.name}: {trials} trial(s) over {', '.join(space.base)}")
+    print(f"[curvlt] {space.name}: {count_trials(space)} trial(s) over {', '.join(space.base)}")
     outcome = run_sweep(space, args.overrides, args.resume)
     table = compare_experiment(outcome.experiment)
     print(render(table, "table"))
     if outcome.interrupted:
-        print(f"curvlt: sweep interrupted after {outcome.ended} of {trials} trials; continue it with "
+        print(f"curvlt: sweep interrupted after {outcome.ended} of {outcome.trials} trials; continue it with "
               f"curvlt tune {args.space} --resume", file=sys.stderr)
         return 130
     if outcome.failed:

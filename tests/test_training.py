@@ -83,7 +83,7 @@ def test_stopped_run_continues_with_resume_from_another_directory(tmp_path):
             "--set", f"mlflow.tracking_uri={store}"]
     client = MlflowClient(store)
     output = _stop_after_epoch(args, started, 2, signal.SIGTERM)
-    (run,) = client.search_runs([client.get_experiment_by_name("curvlt-digits").experiment_id])
+    _, run = only_run(store, "curvlt-digits")
     assert run.info.status == "KILLED", output[-3000:]
     assert f"--resume {run.info.run_id}" in output
     assert 2 <= len(client.get_metric_history(run.info.run_id, "test/acc")) < epochs
@@ -96,7 +96,7 @@ def test_stopped_run_continues_with_resume_from_another_directory(tmp_path):
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert int(re.search(rf"resuming after epoch (\d+)/{epochs}", resumed.stdout + resumed.stderr).group(1)) >= 4
-    (run,) = client.search_runs([client.get_experiment_by_name("curvlt-digits").experiment_id])
+    _, run = only_run(store, "curvlt-digits")
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "test/acc")]
     assert sorted(steps) == list(range(epochs)), steps  # every epoch once
