@@ -45,15 +45,16 @@ FILL_VALUES = 2**27
 
 @dataclasses.dataclass(frozen=True)
 class StepKind:
-    """One kind of timed training step: ``cr_weight`` 0 is the base step; ``every_class``: CR forgets,
-    before the step, the curvatures it keeps of classes measured on their queue alone, so that it
-    measures every class (how CR worked before it kept them)."""
+    """One kind of timed training step: ``cr`` None is the base step; ``every_class``: CR forgets,
+    before the step, the curvatures it keeps of classes measured on their queue alone, so that its
+    eager path measures every class (how CR worked before it kept them)."""
 
-    cr_weight: float
+    label: str
+    cr: CurvatureRegularizer | None = None
     every_class: bool = False
 
 
-def interleaved_steps(model, loss_fn, cr, batches, kinds: list[StepKind], device: torch.device, amp: bool,
+def interleaved_steps(model, loss_fn, batches, kinds: list[StepKind], device: torch.device, amp: bool,
                       passes: int = 2) -> list[list[float]]:
     """Wall time of each optimizer step (forward, losses, backward, update), per kind: on every batch
     each kind takes one step, in reversed order on every other batch, so that the load episodes of a
@@ -63,16 +64,17 @@ def interleaved_steps(model, loss_fn, cr, batches, kinds: list[StepKind], device
     for step, (images, labels) in enumerate(batches * passes):
         images, labels = images.to(device), labels.to(device)
         for index in (range(len(kinds)) if step % 2 == 0 else reversed(range(len(kinds)))):
-            if kinds[index].every_class:
-                cr.queue_curvature.forget()
+            kind = kinds[index]
+            if kind.every_class:
+                kind.cr.queue_curvature.forget()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 features, logits = model(images)
                 loss = loss_fn(logits, labels)
-            if kinds[index].cr_weight > 0:
-                loss = loss + kinds[index].cr_weight * cr(features, labels, epoch=10**6).loss
+            if kind.cr is not None:
+                loss = loss + kind.cr(features, labels, epoch=10**6).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -84,37 +86,51 @@ def interleaved_steps(model, loss_fn, cr, batches, kinds: list[StepKind], device
 
 def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_classes: int, batches, device,
             amp: bool, fill: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-            every_class_too: bool = False, gather: GatherFn | None = None) -> CurvatureRegularizer:
-    """Print one table row, and with ``every_class_too`` a second one timed in the same passes with
-    CR measuring every class every step (:class:`StepKind`); ``gather`` replaces CR's all-gather
-    once the queues are full. ``fill()``: one pass of (images, labels) whose features fill the queues,
-    called again while a class is short. It should yield distinct examples: in training a queue
-    holds features of different examples, or of one example at different steps, not exact copies,
-    which would make degenerate patches and a lower auto tangent dimension. (Only a class with
-    fewer than Q training examples, as in digits_lt's tail, still gets copies here.)"""
-    cr = CurvatureRegularizer(num_classes, model.feature_dim, weight=1.0, k=cr_config.k,
-                              queue_size=cr_config.queue_size, tangent_dim=cr_config.tangent_dim).to(device)
+            every_class_too: bool = False, gather: GatherFn | None = None) -> list[tuple[str, CurvatureRegularizer]]:
+    """Print one table row per CR kind timed against the base step in the same passes: on CUDA,
+    CR with its CUDA graphs (:mod:`curvature.graphed`) and its eager path, and with
+    ``every_class_too`` the eager path measuring every class every step (:class:`StepKind`);
+    ``gather`` replaces CR's all-gather once the queues are full. ``fill()``: one pass of (images,
+    labels) whose features fill the queues, called again while a class is short. It should yield
+    distinct examples: in training a queue holds features of different examples, or of one example
+    at different steps, not exact copies, which would make degenerate patches and a lower auto
+    tangent dimension. (Only a class with fewer than Q training examples, as in digits_lt's tail,
+    still gets copies here.) Returns the (row label, CR module) of each CR kind."""
+
+    def regularizer(cuda_graphs: bool) -> CurvatureRegularizer:
+        return CurvatureRegularizer(num_classes, model.feature_dim, weight=1.0, k=cr_config.k,
+                                    queue_size=cr_config.queue_size, tangent_dim=cr_config.tangent_dim,
+                                    cuda_graphs=cuda_graphs).to(device)
+
+    cr = regularizer(device.type == "cuda")
     # Fill every queue first, so the timed steps see full class clouds as in steady-state training.
     with torch.no_grad():
         while int(cr.queue.count.min()) < cr_config.queue_size:
             for images, labels in fill():
                 cr.queue.enqueue(model(images.to(device))[0], labels.to(device))
-    if gather is not None:
-        cr.queue.gather = gather
+    kinds = [StepKind(name), StepKind(f"{name}, CUDA graphs" if device.type == "cuda" else name, cr)]
+    if device.type == "cuda":
+        eager = regularizer(False)
+        eager.load_state_dict(cr.state_dict())
+        kinds.append(StepKind(f"{name}, eager", eager))
+        if every_class_too:
+            kinds.append(StepKind(f"{name}, eager, every class measured each step", eager, every_class=True))
+    for kind in kinds[1:]:
+        if gather is not None:
+            kind.cr.queue.gather = gather
     warmup = 3
-    kinds = [StepKind(0.0), StepKind(1.0)] + ([StepKind(1.0, every_class=True)] if every_class_too else [])
-    base, *with_cr = (times[warmup:] for times in interleaved_steps(model, loss_fn, cr, batches, kinds, device, amp))
+    base, *with_cr = (times[warmup:] for times in interleaved_steps(model, loss_fn, batches, kinds, device, amp))
     t_base = statistics.median(base)
     queue_mb = cr.queue.queue.numel() * cr.queue.queue.element_size() / 2**20
-    dim = cr(model(batches[0][0].to(device))[0], batches[0][1].to(device), epoch=10**6).tangent_dim
-    for label, times in zip((name, f"{name}, every class measured each step"), with_cr):
+    for kind, times in zip(kinds[1:], with_cr):
+        dim = kind.cr(model(batches[0][0].to(device))[0], batches[0][1].to(device), epoch=10**6).tangent_dim
         # The ratio is the median over batches of (CR step / base step on the same batch, taken
         # back to back), which cancels the machine's slow episodes better than a ratio of medians.
         ratio = statistics.median(cr_time / base_time for cr_time, base_time in zip(times, base))
-        print(f"| {label} | {state} | {device.type} | {num_classes} | {len(batches[0][1])} | {cr_config.queue_size} | "
-              f"{cr_config.k} | {dim} | {t_base * 1e3:.1f} | {statistics.median(times) * 1e3:.1f} | {ratio:.2f} | "
-              f"{queue_mb:.2f} |")
-    return cr
+        print(f"| {kind.label} | {state} | {device.type} | {num_classes} | {len(batches[0][1])} | "
+              f"{cr_config.queue_size} | {cr_config.k} | {dim} | {t_base * 1e3:.1f} | {statistics.median(times) * 1e3:.1f} | "
+              f"{ratio:.2f} | {queue_mb:.2f} |", flush=True)
+    return [(kind.label, kind.cr) for kind in kinds[1:] if not kind.every_class]
 
 
 def host_bound(cr: CurvatureRegularizer, features: torch.Tensor, labels: torch.Tensor,
@@ -203,12 +219,13 @@ def gpu_rows(name: str, model_name: str, config_name: str, input_shape: tuple[in
     for tangent_dim in tangent_dims:
         cr_config = dataclasses.replace(config.cr, tangent_dim=tangent_dim,
                                         queue_size=queue_size or config.cr.queue_size)
-        cr = compare(name, "init", model, loss_fn, cr_config, num_classes, batches, device, amp=True, fill=fill,
-                     every_class_too=every_class_too,
-                     gather=other_workers_gather(model, input_shape, num_classes, batch_size, other_workers))
+        modules = compare(name, "init", model, loss_fn, cr_config, num_classes, batches, device, amp=True, fill=fill,
+                          every_class_too=every_class_too,
+                          gather=other_workers_gather(model, input_shape, num_classes, batch_size, other_workers))
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
             features = model(batches[0][0].to(device))[0]
-        alone[f"{name}, tangent dim {tangent_dim}"] = host_bound(cr, features, batches[0][1].to(device))
+        for label, cr in modules:
+            alone[f"{label}, tangent dim {tangent_dim}"] = host_bound(cr, features, batches[0][1].to(device))
     return alone
 
 

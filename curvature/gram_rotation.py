@@ -32,18 +32,15 @@ from curvature._linalg import safe_sqrt, squared_angle_from_sin2, symmetric_eigh
 from curvature.local_pca import tangent_scales
 
 
-def cloud_grams(clouds: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+def cloud_grams(clouds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B, W, W) float64 Gram matrices of the clouds (B, W, p), each first moved to the mean of its
-    member points (``members``: flat slots ``cloud * W + slot``; a translation, which every
-    patch's centring removes anyway) so that the entries are of the size of the cloud's spread,
-    not of its distance from the origin."""
-    width, dim = clouds.shape[1], clouds.shape[2]
-    points = clouds.reshape(-1, dim).double()
-    block = members // width
-    sums = points.new_zeros(clouds.shape[0], dim).index_add_(0, block, points[members].detach())
-    counts = torch.bincount(block, minlength=clouds.shape[0]).clamp_min(1)
-    centred = points.reshape(clouds.shape) - (sums / counts[:, None])[:, None, :]
-    return _OuterGram.apply(centred)
+    valid points (``valid`` (B, W); a translation, which every patch's centring removes anyway) so
+    that the entries are of the size of the cloud's spread, not of its distance from the origin.
+    Shapes depend only on the inputs' (no host synchronisation), as CUDA graphs need."""
+    points = clouds.double()
+    weights = valid.to(points.dtype)[..., None]
+    means = (points.detach() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+    return _OuterGram.apply(points - means[:, None, :])
 
 
 class _OuterGram(torch.autograd.Function):
@@ -88,32 +85,64 @@ def gram_patches(grams: torch.Tensor, members: torch.Tensor, indices: torch.Tens
     """The patch stage: ``grams`` (B, W, W) from :func:`cloud_grams` of B clouds padded to W slots;
     ``members`` (n,): the flat slot (``cloud * W + slot``) of each measured point; ``indices``
     (n, k): each point's neighbours as rows of ``members``, all in the point's own cloud."""
+    rows, patches, centred = patch_grams(grams, members, indices)
+    return GramPatches(rows, patches, *descending(*symmetric_eigh(centred)))
+
+
+def patch_grams(grams: torch.Tensor, members: torch.Tensor,
+                indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`gram_patches` up to its eigen-decomposition: the patch rows ``K[P_i, :]`` (n, m, W),
+    the patches' slots (n, m) and their centred Gram matrices ``H K[P_i, P_i] H`` (n, m, m)."""
     num_clouds, width = grams.shape[0], grams.shape[1]
     n, m = indices.shape[0], indices.shape[1] + 1
     block, slot = members // width, members % width
     patches = torch.cat([slot[:, None], slot[indices]], dim=1)  # (n, m) slots of {i} ∪ N(i)
     rows = grams.reshape(num_clouds * width, width).index_select(0, (block[:, None] * width + patches).flatten())
     rows = rows.reshape(n, m, width)  # K[P_i, :]
-    evals, evecs = symmetric_eigh(_centre(rows.gather(2, patches[:, None, :].expand(n, m, m))))
-    return GramPatches(rows, patches, evals.flip(-1), evecs.flip(-1))
+    return rows, patches, _centre(rows.gather(2, patches[:, None, :].expand(n, m, m)))
+
+
+def descending(evals: torch.Tensor, evecs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and eigenvector columns from ascending (``symmetric_eigh``'s order) to descending."""
+    return evals.flip(-1), evecs.flip(-1)
 
 
 def gram_angles(patches: GramPatches, indices: torch.Tensor, dim: int,
                 angle_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The pair stage: per-point angle curvature ``a_i`` (radians, ``angle_dtype``) with tangent
     dimension ``dim``; differentiable with respect to the Gram matrices behind ``patches``."""
+    residual_gram, which = pair_residual_grams(patches, indices, dim)
+    return angles_from_sin2(symmetric_eigvals(residual_gram.to(angle_dtype)), which, indices.shape[1])
+
+
+def pair_residual_grams(patches: GramPatches, indices: torch.Tensor, dim: int,
+                        distinct: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`gram_angles` up to its eigenvalues: ``R Rᵀ`` (E, d, d) of each neighbour pair, and
+    which pair each directed edge (flattened ``indices``) is. ``distinct``: each pair whose two
+    tangent spaces both have d directions once (``which`` maps back); otherwise every directed edge
+    in order (``which`` is ``None``), twice the pairs but shapes fixed by the inputs', as CUDA
+    graphs need."""
     n, k = indices.shape
-    m, width = k + 1, patches.rows.shape[2]
+    width = patches.rows.shape[2]
+    m = k + 1
     scales, has_direction = tangent_scales(patches.evals, dim)  # Λ^{-1/2} where defined, else 0
     coefficients = _centre_columns(patches.evecs[..., :dim] * scales[:, None, :])  # A_i (n, m, d)
     inner = (coefficients.mT @ patches.rows).mT.reshape(n * width, dim)  # S_i stacked: row i * W + w
-    own, other, which = _undirected_edges(indices, has_direction.all(dim=1))
+    if distinct:
+        own, other, which = _undirected_edges(indices, has_direction.all(dim=1))
+    else:
+        own, other, which = torch.arange(n * k, device=indices.device) // k, indices.flatten(), None
     picked = inner.index_select(0, (own[:, None] * width + patches.patches[other]).flatten()).reshape(-1, m, dim)
     overlap = coefficients.index_select(0, other).mT @ picked  # (E, d, d): M_ij = T_j T_iᵀ
-    residual_gram = torch.diag_embed(has_direction.index_select(0, other).to(overlap.dtype)) - overlap @ overlap.mT
-    sin2 = symmetric_eigvals(residual_gram.to(angle_dtype))
+    return torch.diag_embed(has_direction.index_select(0, other).to(overlap.dtype)) - overlap @ overlap.mT, which
+
+
+def angles_from_sin2(sin2: torch.Tensor, which: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Per-point angle curvature (n,) from the pairs' sin² of principal angles (E, d): the mean over
+    each point's k neighbours of ``θ = sqrt(Σ θ_l²)`` (SPEC §3.3); ``which`` as from
+    :func:`pair_residual_grams`."""
     theta = safe_sqrt(squared_angle_from_sin2(sin2).sum(dim=-1))
-    return theta.index_select(0, which).reshape(n, k).mean(dim=1)
+    return (theta if which is None else theta.index_select(0, which)).reshape(-1, k).mean(dim=1)
 
 
 def _centre(gram: torch.Tensor) -> torch.Tensor:

@@ -46,13 +46,11 @@ def gather_from_all_workers(features: torch.Tensor, labels: torch.Tensor) -> tup
 
 
 def rank_within_class(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """For each sample, how many earlier samples in the batch share its label (0, 1, 2, ...)."""
-    order = torch.argsort(labels, stable=True)
-    counts = torch.bincount(labels, minlength=num_classes)
-    starts = torch.cumsum(counts, 0) - counts
-    ranks = torch.empty_like(labels)
-    ranks[order] = torch.arange(labels.shape[0], device=labels.device) - starts[labels[order]]
-    return ranks
+    """For each sample, how many earlier samples in the batch share its label (0, 1, 2, ...).
+    A running count over one-hot rows: no sort, and no ``bincount`` (which reads its input's
+    maximum on the host), so it can run inside a CUDA graph."""
+    one_hot = torch.nn.functional.one_hot(labels, num_classes)
+    return one_hot.cumsum(dim=0).gather(1, labels[:, None])[:, 0] - 1
 
 
 class ClassFeatureQueue(nn.Module):
@@ -99,3 +97,21 @@ class ClassFeatureQueue(nn.Module):
     def filled(self) -> torch.Tensor:
         """(C, Q) mask of the slots that hold a feature."""
         return torch.arange(self.queue_size, device=self.count.device)[None, :] < self.count[:, None]
+
+    def padded_clouds(self, classes: torch.Tensor | None, features: torch.Tensor, cloud_of: torch.Tensor,
+                      ranks: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each class's cloud as CR measures it: (C', W, D) its queue's slots, then the ``features``
+        (b, D) that belong to it (``cloud_of`` (b,): the cloud, ``ranks`` (b,): the order within it)
+        at slots Q + rank, zero after; and the (C', W) mask of the slots that hold a point.
+        ``classes``: the classes, as ids (C',), or ``None`` for all. Differentiable in ``features``;
+        no host synchronisation."""
+        queued, filled = self.queue, self.filled()
+        if classes is not None:
+            queued, filled = queued[classes], filled[classes]
+        slots = (cloud_of, self.queue_size + ranks)
+        clouds = features.new_zeros(queued.shape[0], width, features.shape[1])
+        clouds[:, :self.queue_size] = queued.to(features.dtype)
+        valid = torch.zeros(clouds.shape[:2], dtype=torch.bool, device=features.device)
+        valid[:, :self.queue_size] = filled
+        valid = valid.index_put(slots, torch.ones_like(ranks, dtype=torch.bool))
+        return clouds.index_put(slots, features), valid  # out of place: keeps the gradient

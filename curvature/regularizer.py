@@ -24,12 +24,13 @@ changes, the kept values, normalised with the old one, are measured again.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from curvature.cr_loss import curvature_loss, normalised_curvature
+from curvature.graphed import CaptureFailed, GraphedCurvature
 from curvature.gram_rotation import GramPatches, cloud_grams, gram_angles, gram_patches, neighbours_from_grams
 from curvature.local_pca import dim_from_histogram, explained_count_histograms
 from curvature.queue import ClassFeatureQueue, GatherFn, gather_from_all_workers, rank_within_class
@@ -47,25 +48,20 @@ class CRResult:
 
 
 def _class_clouds(features: torch.Tensor, labels: torch.Tensor, queue: ClassFeatureQueue, min_points: int,
-                  selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded clouds (C', M, D) = queue slots then this step's features of the ``selected`` classes
-    ((C,) mask) that have at least ``min_points`` points, their validity mask (C', M), and their
-    class ids (C',)."""
-    queue_size = queue.queue_size
+                  selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Padded clouds (C', M, D) (:meth:`ClassFeatureQueue.padded_clouds`) of the ``selected``
+    classes ((C,) mask) that have at least ``min_points`` points, their validity mask (C', M), and
+    their class ids (C',); ``None`` when no class has."""
     arriving = torch.bincount(labels, minlength=queue.num_classes)
     classes = torch.nonzero(selected & (queue.count + arriving >= min_points)).flatten()
+    if classes.numel() == 0:
+        return None
     position = torch.full_like(arriving, -1).index_put((classes,), torch.arange(classes.numel(), device=labels.device))
     of_measured = position[labels] >= 0
     features, labels = features[of_measured], position[labels[of_measured]]  # labels now number the measured classes
-    ranks = rank_within_class(labels, classes.numel())
-    width = queue_size + int(arriving[classes].max()) if labels.numel() else queue_size
-    padded = features.new_zeros(classes.numel(), width, features.shape[1])
-    padded[:, :queue_size] = queue.queue[classes].to(features.dtype)
-    padded = padded.index_put((labels, queue_size + ranks), features)  # out of place: keeps the gradient
-    valid = torch.zeros(classes.numel(), width, dtype=torch.bool, device=features.device)
-    valid[:, :queue_size] = queue.filled()[classes]
-    valid[labels, queue_size + ranks] = True
-    return padded, valid, classes
+    width = queue.queue_size + int(arriving[classes].max())
+    clouds, valid = queue.padded_clouds(classes, features, labels, rank_within_class(labels, classes.numel()), width)
+    return clouds, valid, classes
 
 
 @dataclass
@@ -86,21 +82,21 @@ class _Measured:
         """(C',) ``g_c``: the mean angle curvature of each class normalised to [0, 1] (SPEC §4)."""
         angle = gram_angles(self.patches, self.neighbours, dim, dtype)
         total = torch.zeros(self.classes.numel(), dtype=angle.dtype, device=angle.device).index_add(0, self.owner, angle)
-        mean_angle = total / torch.bincount(self.owner, minlength=self.classes.numel())
-        return (mean_angle / (math.sqrt(dim) * math.pi / 2)).clamp(0, 1)
+        return normalised_curvature(total / torch.bincount(self.owner, minlength=self.classes.numel()), dim)
 
 
 def _measure(features: torch.Tensor, labels: torch.Tensor, queue: ClassFeatureQueue, k: int,
              selected: torch.Tensor) -> _Measured | None:
     """Neighbours and patch spectra of every point of the ``selected`` classes that have k + 1
     points; ``None`` when none has."""
-    clouds, valid, classes = _class_clouds(features, labels, queue, k + 1, selected)
-    if classes.numel() == 0:
+    found = _class_clouds(features, labels, queue, k + 1, selected)
+    if found is None:
         return None
+    clouds, valid, classes = found
     width = clouds.shape[1]
     flat_valid = valid.flatten()
     members = torch.nonzero(flat_valid).flatten()  # flat slots of the valid points
-    grams = cloud_grams(clouds, members)
+    grams = cloud_grams(clouds, valid)
     slots = neighbours_from_grams(grams, valid, k)  # (C', M, k)
     # Number the valid slots of all classes as one list; neighbours become rows of that list.
     row_of_slot = torch.cumsum(flat_valid, 0) - 1
@@ -116,12 +112,15 @@ class CurvatureRegularizer(nn.Module):
     ``result = cr(features, labels, epoch)``; add ``weight * result.loss`` to the base loss (the
     module does not apply ``weight`` itself, so the caller logs the raw ``L_CR``). It computes the
     loss from ``start_epoch`` on, then enqueues this step's features (gathered from all workers).
-    With ``weight == 0`` it does no queue or curvature work at all.
+    With ``weight == 0`` it does no queue or curvature work at all. ``cuda_graphs``: on a CUDA
+    device, compute the loss by :class:`curvature.graphed.GraphedCurvature` (fixed shapes replayed
+    as CUDA graphs; faster for a few hundred classes or fewer, see that module), falling back to the
+    eager path when the graphs are busy or cannot be captured.
     """
 
     def __init__(self, num_classes: int, feature_dim: int, *, weight: float = 0.0, balance_weight: float = 0.0,
                  k: int = 10, queue_size: int = 128, start_epoch: int = 0, tangent_dim: TangentDim = "auto",
-                 eps: float = 1e-6, gather: GatherFn = gather_from_all_workers):
+                 eps: float = 1e-6, gather: GatherFn = gather_from_all_workers, cuda_graphs: bool = False):
         super().__init__()
         checks = {"weight": weight >= 0, "balance_weight": balance_weight >= 0, "start_epoch": start_epoch >= 0,
                   "eps": 0 < eps < 1, "k": isinstance(k, int) and k >= 2}
@@ -138,6 +137,7 @@ class CurvatureRegularizer(nn.Module):
         self.num_classes = num_classes
         self.queue = ClassFeatureQueue(num_classes, feature_dim, queue_size, gather)
         self.queue_curvature = QueueCurvature(num_classes, k)
+        self.graphed = GraphedCurvature(self.queue, k, tangent_dim, eps, balance_weight) if cuda_graphs else None
 
     @property
     def active(self) -> bool:
@@ -158,6 +158,20 @@ class CurvatureRegularizer(nn.Module):
         return result
 
     def _loss(self, features: torch.Tensor, labels: torch.Tensor, unmeasured: CRResult) -> CRResult:
+        """On CUDA with a gradient to compute, :class:`GraphedCurvature` when its graphs are free;
+        else :meth:`_eager_loss`."""
+        graphed = self.graphed
+        if (graphed is not None and features.is_cuda and features.requires_grad and torch.is_grad_enabled()
+                and labels.numel() > 0 and graphed.ready()):
+            try:
+                step = graphed(features, labels)
+            except CaptureFailed:  # warned once; from now on graphed.ready() is False
+                return self._eager_loss(features, labels, unmeasured)
+            return unmeasured if step is None else CRResult(step.loss, step.class_curvature, step.measured,
+                                                            step.tangent_dim)
+        return self._eager_loss(features, labels, unmeasured)
+
+    def _eager_loss(self, features: torch.Tensor, labels: torch.Tensor, unmeasured: CRResult) -> CRResult:
         """Measure the classes in the batch and those whose queue changed; take the rest's ``g_c``
         (and, for the auto dimension, their count histograms) from :class:`QueueCurvature`."""
         cache = self.queue_curvature
@@ -185,10 +199,7 @@ class CurvatureRegularizer(nn.Module):
         cache.remember(alone, self.queue.version, histogram, curvature, measured, dim)
         if not bool(measured.any()):
             return unmeasured
-        values = curvature[measured]
-        loss = -torch.log1p(self.eps - values).mean()
-        if self.balance_weight > 0 and values.numel() > 1:
-            loss = loss + self.balance_weight * values.std(unbiased=False)
+        loss = curvature_loss(curvature, measured, self.eps, self.balance_weight)
         return CRResult(loss, curvature.detach() * measured, measured, dim)
 
 

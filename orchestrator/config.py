@@ -72,6 +72,7 @@ class CRConfig:
     queue_size: int = 128
     start_epoch: int = 0
     tangent_dim: int | Literal["auto"] = "auto"
+    cuda_graphs: bool = False  # on CUDA: CR's fixed-shape path replayed as CUDA graphs (curvature.graphed)
 
 
 @dataclass

@@ -22,7 +22,9 @@ def points_form(points: torch.Tensor, indices: torch.Tensor, tangent_dim="auto")
 
 def kernel_form(clouds: torch.Tensor, members: torch.Tensor, indices: torch.Tensor, tangent_dim,
                 angle_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, int]:
-    patches = gram_patches(cloud_grams(clouds, members), members, indices)
+    valid = torch.zeros(clouds.shape[0] * clouds.shape[1], dtype=torch.bool, device=clouds.device)
+    valid = valid.index_fill(0, members, True).reshape(clouds.shape[:2])
+    patches = gram_patches(cloud_grams(clouds, valid), members, indices)
     dim = resolve_tangent_dim(tangent_dim, patches.evals, indices.shape[1], clouds.shape[2])
     return gram_angles(patches, indices, dim, angle_dtype), dim
 
@@ -89,8 +91,7 @@ def test_neighbours_from_grams_are_the_exact_neighbours(rng):
     sizes, width = [40, 25, 33], 45
     batch = torch.tensor(rng.normal(size=(3, width, 12))) + 7.0  # far from the origin
     valid = torch.arange(width)[None, :] < torch.tensor(sizes)[:, None]
-    members = torch.nonzero(valid.flatten()).flatten()
-    found = neighbours_from_grams(cloud_grams(batch, members), valid, 5)
+    found = neighbours_from_grams(cloud_grams(batch, valid), valid, 5)
     for c, size in enumerate(sizes):
         expected = knn_indices(batch[c, :size], 5, "torch")
         assert torch.equal(found[c, :size].sort(dim=1).values, expected.sort(dim=1).values)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from curvature._linalg import symmetric_eigh
@@ -17,3 +18,25 @@ def test_eigh_of_more_matrices_than_one_cusolver_call_takes(device):
     rebuilt = evecs @ torch.diag_embed(evals) @ evecs.mT
     assert torch.allclose(rebuilt, matrices, atol=1e-3 * float(matrices.abs().max()))
     assert bool((evals[:, 1:] >= evals[:, :-1]).all())
+
+
+def test_float32_batch_that_does_not_converge_is_solved_in_float64(monkeypatch, device):
+    """cuSOLVER can report a float32 batch as not converging; it is then solved in float64."""
+    import curvature._linalg as linalg
+
+    solve = torch.linalg.eigh
+
+    def refuses_float32(matrices):
+        if matrices.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return solve(matrices)
+
+    monkeypatch.setattr(linalg.torch.linalg, "eigh", refuses_float32)
+    matrices = torch.randn(6, 4, 4, device=device)
+    matrices = matrices @ matrices.mT
+    evals, evecs = linalg._cuda_eigh(matrices)
+    assert evals.dtype == torch.float32 and evecs.dtype == torch.float32
+    torch.testing.assert_close(evecs @ torch.diag_embed(evals) @ evecs.mT, matrices, rtol=1e-5, atol=1e-5)
+    with pytest.raises(torch.linalg.LinAlgError):  # a float64 batch has nothing more precise to fall back on
+        monkeypatch.setattr(linalg.torch.linalg, "eigh", lambda matrices: refuses_float32(matrices.float()))
+        linalg._cuda_eigh(matrices.double())

@@ -1,0 +1,260 @@
+"""Curvature regularization (SPEC §4) as CUDA graphs, for GPU steps bound by launching kernels.
+
+Why: on a GPU, a small model's step (ResNet-32, batch 128) is spent in Python launching kernels,
+not in the GPU running them. The eager CR of :mod:`curvature.regularizer` launches some 590 more
+and waits on the GPU some 29 times, because its shapes depend on the data (which classes changed,
+how many points each has, which neighbour pairs are distinct): it doubled that step. Here the same
+computation is cut into three segments whose shapes depend only on (batch size, cloud width,
+tangent dimension); each is captured once per shape as CUDA graphs, forward and backward
+(:func:`captured`), and then replayed with one launch each way.
+
+To fix the shapes, this path measures every class at every step, pads every class's cloud to the
+same width ``Q + A`` (``A``: the most features one class gets in the batch, rounded up to a power of
+two so that few widths are ever captured) and takes every directed neighbour pair (the eager path
+computes a symmetric pair once: here twice the pair work, for no host synchronisation). Between
+the segments, eagerly: the two eigen-decompositions, which cannot be captured (cuSOLVER's ``eigh``
+checks its error codes on the host; PyTorch marks it unsafe for graphs), and the auto tangent
+dimension, a number the next segment's shape depends on.
+
+What it buys, measured on an H200 (ResNet-32, batch 128, CIFAR-100-shaped, two runs of
+``benchmarks/training.py``): the step ratio to the base step falls from 2.21-2.29 to 1.98-2.01 with
+the auto dimension (d = 8 on a fresh model), 1.93-2.00 to 1.56-1.59 at d = 2 and 2.07-2.16 to
+1.73-1.83 at d = 4. It stays above the 1.15 target: the eigen-decompositions still wait on the GPU,
+and the fixed shapes about double CR's GPU work, so CR is now bound by the GPU, not by launches.
+With 1,000 classes (ImageNet-LT) measuring every class costs more than launches save (3.35x against
+the eager path's 1.59x), so the path is opt-in (``cuda_graphs``), and on in the CIFAR configs.
+
+The segments call the geometry engine's functions (no second implementation). Built with
+``capture=False`` they run as plain functions on any device, which is how the tests check, on the
+CPU, that this path gives the eager path's loss and gradients.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from curvature._linalg import symmetric_eigh, symmetric_eigvals
+from curvature.cr_loss import curvature_loss, normalised_curvature
+from curvature.gram_rotation import (GramPatches, angles_from_sin2, cloud_grams, descending, neighbours_from_grams,
+                                     pair_residual_grams, patch_grams)
+from curvature.local_pca import dim_from_histogram, explained_count_histograms
+from curvature.queue import ClassFeatureQueue, rank_within_class
+from curvature.rotation import TangentDim
+
+
+class CaptureFailed(RuntimeError):
+    """A segment could not be captured as a CUDA graph."""
+
+
+@dataclass
+class GraphedStep:
+    """What one step of :class:`GraphedCurvature` measured."""
+
+    loss: torch.Tensor  # 0-d L_CR, with gradient to the step's features
+    class_curvature: torch.Tensor  # (C,) detached g_c, 0 where not measured
+    measured: torch.Tensor  # (C,) bool: the class had at least k + 1 points
+    tangent_dim: int
+
+
+def cloud_width(labels: torch.Tensor, num_classes: int, queue_size: int) -> int:
+    """``Q + A``: room for every class's queue and its features in this batch, ``A`` the most one
+    class gets rounded up to a power of two (one host synchronisation)."""
+    most = int(torch.bincount(labels, minlength=num_classes).max())
+    return queue_size + (1 << max(0, most - 1).bit_length())
+
+
+def patch_segment(queue: ClassFeatureQueue, k: int, width: int) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """Segment 1, (features (B, D), labels (B,)) → every slot's patch: its centred Gram matrix
+    (n, m, m) (n = C·W, every slot of every class), its rows ``K[P_i, :]`` (n, m, W), its slots
+    (n, m), its neighbours as flat slots (n, k), which slots are points of a measured class (n,),
+    and which classes have k + 1 points (C,)."""
+
+    def segment(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        num_classes, device = queue.num_classes, features.device
+        ranks = rank_within_class(labels, num_classes)
+        clouds, valid = queue.padded_clouds(None, features, labels, ranks, width)
+        grams = cloud_grams(clouds, valid)
+        offsets = (torch.arange(num_classes, device=device) * width)[:, None, None]
+        neighbours = (neighbours_from_grams(grams, valid, k) + offsets).flatten(0, 1)
+        rows, patches, centred = patch_grams(grams, torch.arange(num_classes * width, device=device), neighbours)
+        measured = valid.sum(dim=1) > k
+        return centred, rows, patches, neighbours, (valid & measured[:, None]).flatten(), measured
+
+    return segment
+
+
+def pair_segment(dim: int, angle_dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """Segment 2, (patch rows, slots, neighbours, patch eigenvalues and eigenvectors, ascending) →
+    ``R Rᵀ`` (n·k, d, d) of every directed neighbour pair, in ``angle_dtype``."""
+
+    def segment(rows: torch.Tensor, patches: torch.Tensor, neighbours: torch.Tensor, evals: torch.Tensor,
+                evecs: torch.Tensor) -> torch.Tensor:
+        spectra = GramPatches(rows, patches, *descending(evals, evecs))
+        return pair_residual_grams(spectra, neighbours, dim, distinct=False)[0].to(angle_dtype)
+
+    return segment
+
+
+def loss_segment(num_classes: int, k: int, dim: int, eps: float,
+                 balance_weight: float) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """Segment 3, (sin² of every pair's principal angles (n·k, d), measured slots (n,), measured
+    classes (C,)) → (``L_CR``, detached ``g_c`` (C,))."""
+
+    def segment(sin2: torch.Tensor, point_measured: torch.Tensor,
+                measured: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angle = angles_from_sin2(sin2, None, k).reshape(num_classes, -1)
+        weights = point_measured.reshape(num_classes, -1).to(angle.dtype)
+        curvature = normalised_curvature((angle * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1), dim)
+        return curvature_loss(curvature, measured, eps, balance_weight), (curvature * measured).detach()
+
+    return segment
+
+
+def captured(segment: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+             sample: tuple[torch.Tensor, ...], warmup: int = 3) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
+    """``segment`` as a differentiable function whose forward and backward each replay one CUDA
+    graph, captured on copies of ``sample``: what :func:`torch.cuda.make_graphed_callables` does for
+    one function, with two differences. Warm-up and both captures run on one side stream (PyTorch
+    before 2.13 warms up on another stream than it captures on), with garbage collection paused (a
+    collection during capture can free tensors whose stream events a capture forbids). With
+    ``make_graphed_callables`` (torch 2.11, H200), and with this function before the pause, some
+    captures failed ("operation failed due to a previous error during capture"); with both, seven
+    runs of the CUDA tests captured every segment. A capture is checked only against this thread's
+    CUDA calls (``thread_local``): Ray Train and the data loader run other threads that use CUDA."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        inputs = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in sample)
+        wanted = tuple(a for a in inputs if a.requires_grad)
+        for _ in range(warmup):  # lazy initialisation (cuBLAS handles, workspaces) stays out of the graphs
+            outputs = _as_tuple(segment(*inputs))
+            torch.autograd.grad([o for o in outputs if o.requires_grad], wanted,
+                                [torch.zeros_like(o) for o in outputs if o.requires_grad])
+    pool = torch.cuda.graph_pool_handle()
+    forward_graph, backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    collecting = gc.isenabled()
+    gc.disable()  # a collection during capture could free tensors of other streams, whose events the capture forbids
+    try:
+        with torch.cuda.graph(forward_graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            outputs = _as_tuple(segment(*inputs))
+        differentiable = [o for o in outputs if o.requires_grad]
+        grad_outputs = [torch.empty_like(o) for o in differentiable]
+        with torch.cuda.graph(backward_graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            grad_inputs = iter(torch.autograd.grad(differentiable, wanted, grad_outputs))
+    finally:
+        if collecting:
+            gc.enable()
+    grads = tuple(next(grad_inputs) if a.requires_grad else None for a in inputs)
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+            for static, arg in zip(inputs, args):
+                if static.data_ptr() != arg.data_ptr():
+                    static.copy_(arg)
+            forward_graph.replay()
+            return tuple(o.detach() for o in outputs)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, *output_grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+            for static, grad in zip(grad_outputs, (g for g, o in zip(output_grads, outputs) if o.requires_grad)):
+                static.copy_(grad)
+            backward_graph.replay()
+            return tuple(None if g is None else g.detach() for g in grads)
+
+    def replay(*args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        result = Replay.apply(*args)
+        return result if len(outputs) > 1 else result[0]
+
+    return replay
+
+
+def _as_tuple(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+class GraphedCurvature:
+    """CR's loss from this step's features and the queues, by the three segments above, each
+    captured per shape the first time it is met (``capture``; else run as plain functions).
+
+    A replay overwrites what the previous replay's backward reads, so while the autograd graph of
+    the previous call is alive and its backward has not run, :meth:`ready` is False and the caller
+    must take the eager path (calling twice before one backward stays correct, only slower).
+    """
+
+    def __init__(self, queue: ClassFeatureQueue, k: int, tangent_dim: TangentDim, eps: float, balance_weight: float,
+                 capture: bool = True):
+        self.queue, self.k, self.tangent_dim = queue, k, tangent_dim
+        self.eps, self.balance_weight, self.capture = eps, balance_weight, capture
+        self._segments: dict[tuple, Callable] = {}
+        self._pending: weakref.ref | None = None  # the last call's first autograd node, until its backward ran
+        self.failure: str | None = None  # why a capture failed; the graphs are then never used again
+
+    def ready(self) -> bool:
+        return self.failure is None and (self._pending is None or self._pending() is None)
+
+    def __call__(self, features: torch.Tensor, labels: torch.Tensor) -> GraphedStep | None:
+        """``None`` when no class has k + 1 points."""
+        queue, k = self.queue, self.k
+        width = cloud_width(labels, queue.num_classes, queue.queue_size)
+        # The graphs read the queue's buffers where they were at capture: a move makes new ones.
+        shape = (features.shape[0], width, features.dtype, queue.queue.data_ptr(), queue.count.data_ptr())
+        first = self._segment(("patch", *shape), lambda: patch_segment(queue, k, width), features, labels)
+        centred, rows, patches, neighbours, point_measured, measured = first(features, labels)
+        if self.capture:
+            self._hold(centred.grad_fn)
+        evals, evecs = symmetric_eigh(centred)
+        if not bool(measured.any()):
+            return None
+        if self.tangent_dim == "auto":
+            groups = (~point_measured).long()  # 0: the points of measured classes
+            dim = dim_from_histogram(explained_count_histograms(evals.flip(-1), groups, 2)[0], k)
+        else:
+            dim = self.tangent_dim
+        second = self._segment(("pair", *shape, dim), lambda: pair_segment(dim, features.dtype),
+                               rows, patches, neighbours, evals, evecs)
+        sin2 = symmetric_eigvals(second(rows, patches, neighbours, evals, evecs))
+        third = self._segment(("loss", *shape, dim),
+                              lambda: loss_segment(queue.num_classes, k, dim, self.eps, self.balance_weight),
+                              sin2, point_measured, measured)
+        loss, curvature = third(sin2, point_measured, measured)
+        # Copies: the replays' outputs live in the graphs' memory, which the next step overwrites.
+        return GraphedStep(loss.clone(), curvature.clone(), measured.clone(), dim)
+
+    def _segment(self, key: tuple, make: Callable[[], Callable], *sample: torch.Tensor) -> Callable:
+        """The segment for ``key``, made (and captured, on copies of ``sample``) the first time. A
+        capture that fails raises :class:`CaptureFailed` and turns the graphs off for good."""
+        if key not in self._segments:
+            segment = make()
+            if self.capture:
+                try:
+                    segment = captured(segment, sample)
+                except RuntimeError as error:
+                    self.failure = str(error).strip().splitlines()[0]
+                    warnings.warn(f"curvature regularizer: CUDA graph capture failed ({self.failure}); "
+                                  "the eager path is used from now on", stacklevel=2)
+                    raise CaptureFailed(self.failure) from error
+            self._segments[key] = segment
+        return self._segments[key]
+
+    def _hold(self, node: torch.autograd.graph.Node | None) -> None:
+        """Mark the graphs busy until ``node`` (the first segment's backward, a Python autograd
+        node, which can be referenced weakly) has run or is freed."""
+        if node is None:  # no gradient recorded: nothing will read the replay's buffers later
+            self._pending = None
+            return
+        pending = weakref.ref(node)
+        self._pending = pending
+
+        def released(grad_inputs: object, grad_outputs: object) -> None:
+            if self._pending is pending:
+                self._pending = None
+
+        node.register_hook(released)

@@ -1,0 +1,119 @@
+"""CR's fixed-shape path for CUDA graphs (curvature.graphed) gives the eager path's loss, class
+curvatures and gradients: uncaptured on every device, captured and replayed on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from curvature.graphed import GraphedCurvature, cloud_width
+from curvature.regularizer import CurvatureRegularizer
+
+NUM_CLASSES, FEATURE_DIM, K = 6, 12, 5
+
+
+def batches(device: str, steps: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Long-tailed batches: class 0 has most points, class 4 few (under k + 1 at first), class 5
+    none; one batch repeats a point (degenerate patches) and one is larger (another cloud width)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(steps):
+        labels = torch.tensor([0] * (14 + 10 * (step == 2)) + [1] * 5 + [2] * 4 + [3] * 3 + [4] * (step % 2))
+        features = torch.randn(len(labels), FEATURE_DIM, generator=generator) * 2 + torch.arange(FEATURE_DIM) * 0.1
+        if step == 1:
+            features[:4] = features[0]
+        out.append((features.to(device), labels.to(device)))
+    return out
+
+
+def assert_close_gradients(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal to float32 precision of the pair stage: the eager path computes each symmetric pair
+    once as (i, j) or (j, i), this path both ways; their float32 eigenvalues differ in rounding,
+    which near-zero angles magnify in the gradient (module doc of curvature.gram_rotation). Seen:
+    at most 0.16% of the largest gradient entry."""
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-2 * float(expected.abs().max()))
+
+
+def leaf(features: torch.Tensor) -> torch.Tensor:
+    return features.clone().requires_grad_(True)
+
+
+@pytest.mark.parametrize("tangent_dim", ["auto", 2, 3])
+def test_fixed_shape_path_equals_the_eager_path(tangent_dim, device):
+    cr = CurvatureRegularizer(NUM_CLASSES, FEATURE_DIM, weight=1.0, k=K, queue_size=12, tangent_dim=tangent_dim,
+                              balance_weight=0.5, cuda_graphs=False).to(device)
+    graphed = GraphedCurvature(cr.queue, K, tangent_dim, cr.eps, cr.balance_weight, capture=device == "cuda")
+    measured_any = False
+    for features, labels in batches(device, 6):
+        ours, theirs = leaf(features), leaf(features)
+        step = graphed(ours, labels)  # before cr(), which enqueues the batch after measuring
+        expected = cr(theirs, labels, epoch=0)
+        if step is None:
+            assert not bool(expected.measured.any())
+            continue
+        measured_any = True
+        assert step.tangent_dim == expected.tangent_dim
+        assert torch.equal(step.measured, expected.measured)
+        torch.testing.assert_close(step.class_curvature, expected.class_curvature, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(step.loss, expected.loss, rtol=1e-5, atol=1e-6)
+        step.loss.backward()
+        expected.loss.backward()
+        assert_close_gradients(ours.grad, theirs.grad)
+    assert measured_any
+
+
+def test_cloud_width_rounds_the_most_arrivals_up_to_a_power_of_two():
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    assert cloud_width(labels, 4, 16) == 16 + 4
+    assert cloud_width(torch.tensor([3]), 4, 16) == 16 + 1
+
+
+def test_regularizer_replays_graphs_on_cuda_only_and_stays_correct_when_called_twice(device):
+    """On CUDA the module takes the graphed path; a second call before the first one's backward
+    would overwrite what that backward reads, so it runs eagerly; the gradients are those of the
+    eager module either way. On the CPU the option changes nothing."""
+    modules = [CurvatureRegularizer(NUM_CLASSES, FEATURE_DIM, weight=1.0, k=K, queue_size=12, cuda_graphs=graphs)
+               .to(device) for graphs in (True, False)]
+    data = batches(device, 6, seed=1)
+    for index, (features, labels) in enumerate(data):
+        twice = index == 4
+        grads = []
+        for cr in modules:
+            first = leaf(features)
+            loss = cr(first, labels, epoch=0).loss
+            if twice:
+                second = leaf(data[5][0])
+                loss = loss + cr(second, data[5][1], epoch=0).loss
+            loss.backward()
+            grads.append(torch.cat([first.grad] + ([second.grad] if twice else [])))
+        assert_close_gradients(grads[0], grads[1])
+    assert modules[0].graphed.failure is None
+    assert bool(modules[0].graphed._segments) == (device == "cuda")
+
+
+def test_a_segment_that_cannot_be_captured_turns_the_graphs_off_with_a_warning(monkeypatch, device):
+    """A segment that waits on the GPU (here: reads a value on the host) cannot be captured; the
+    module warns once and gives the eager path's result, now and later. On the CPU nothing is captured."""
+    import curvature.graphed as graphed_module
+
+    capturable = graphed_module.patch_segment
+
+    def waits_on_the_gpu(queue, k, width):
+        segment = capturable(queue, k, width)
+        return lambda features, labels: segment(features * float(features.abs().max() > 0), labels)
+
+    monkeypatch.setattr(graphed_module, "patch_segment", waits_on_the_gpu)
+    modules = [CurvatureRegularizer(NUM_CLASSES, FEATURE_DIM, weight=1.0, k=K, queue_size=12, cuda_graphs=graphs)
+               .to(device) for graphs in (True, False)]
+    for features, labels in batches(device, 4, seed=2):
+        grads = []
+        for cr in modules:
+            ours = leaf(features)
+            if device == "cuda" and cr.graphed is not None and cr.graphed.failure is None:
+                with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+                    cr(ours, labels, epoch=0).loss.backward()
+            else:
+                cr(ours, labels, epoch=0).loss.backward()
+            grads.append(ours.grad)
+        assert_close_gradients(grads[0], grads[1])
+    assert (modules[0].graphed.failure is not None) == (device == "cuda")
