@@ -110,13 +110,13 @@ def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_clas
                 cr.queue.enqueue(model(images.to(device))[0], labels.to(device))
     kinds = [StepKind(name), StepKind(f"{name}, CUDA graphs" if device.type == "cuda" else name, cr)]
     if device.type == "cuda":
-        eager = regularizer(False)
-        eager.load_state_dict(cr.state_dict())
-        kinds.append(StepKind(f"{name}, eager", eager))
+        kinds.append(StepKind(f"{name}, eager", regularizer(False)))
         if every_class_too:
-            kinds.append(StepKind(f"{name}, eager, every class measured each step", eager, every_class=True))
-    for kind in kinds[1:]:
-        if gather is not None:
+            kinds.append(StepKind(f"{name}, eager, every class measured each step", regularizer(False), every_class=True))
+    for kind in kinds[2:]:  # each kind its own module, so that no queue gets a batch twice (exact copies)
+        kind.cr.load_state_dict(cr.state_dict())
+    if gather is not None:
+        for kind in kinds[1:]:
             kind.cr.queue.gather = gather
     warmup = 3
     base, *with_cr = (times[warmup:] for times in interleaved_steps(model, loss_fn, batches, kinds, device, amp))

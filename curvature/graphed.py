@@ -16,13 +16,14 @@ the segments, eagerly: the two eigen-decompositions, which cannot be captured (c
 checks its error codes on the host; PyTorch marks it unsafe for graphs), and the auto tangent
 dimension, a number the next segment's shape depends on.
 
-What it buys, measured on an H200 (ResNet-32, batch 128, CIFAR-100-shaped, two runs of
-``benchmarks/training.py``): the step ratio to the base step falls from 2.21-2.29 to 1.98-2.01 with
-the auto dimension (d = 8 on a fresh model), 1.93-2.00 to 1.56-1.59 at d = 2 and 2.07-2.16 to
-1.73-1.83 at d = 4. It stays above the 1.15 target: the eigen-decompositions still wait on the GPU,
-and the fixed shapes about double CR's GPU work, so CR is now bound by the GPU, not by launches.
-With 1,000 classes (ImageNet-LT) measuring every class costs more than launches save (3.35x against
-the eager path's 1.59x), so the path is opt-in (``cuda_graphs``), and on in the CIFAR configs.
+What it buys, measured on H200s (ResNet-32, batch 128, CIFAR-100-shaped, four runs of
+``benchmarks/training.py``; README, "Training step"): the step's ratio to the base step falls from
+1.93-2.06 to 1.56-1.77 at tangent dimension 2, from 2.07-2.16 to 1.73-1.92 at d = 4 and from
+2.29-2.46 to 2.01-2.22 with the auto dimension (d = 8 on a fresh model). It stays above the 1.15
+target: the eigen-decompositions still wait on the GPU, and the fixed shapes about double CR's GPU
+work, so the step now pays for that work rather than for launches. With 1,000 classes (ImageNet-LT)
+measuring every class costs far more than launches save (4.68x against the eager path's 1.55x at
+batch 32), so the path is opt-in (``cuda_graphs``), and on in the CIFAR configs.
 
 The segments call the geometry engine's functions (no second implementation). Built with
 ``capture=False`` they run as plain functions on any device, which is how the tests check, on the
