@@ -35,6 +35,7 @@ from __future__ import annotations
 import gc
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +48,14 @@ from curvature.gram_rotation import (GramPatches, angles_from_sin2, cloud_grams,
 from curvature.local_pca import dim_from_histogram, explained_count_histograms
 from curvature.queue import ClassFeatureQueue, rank_within_class
 from curvature.rotation import TangentDim
+
+
+#: Captured segments kept per module. A step uses three (shapes: batch size, cloud width, tangent
+#: dimension); a few widths and auto dimensions recur. Each keeps its inputs, outputs and saved
+#: activations in GPU memory: at CIFAR-100 scale (100 classes, Q = 128, k = 10, d = 8) the largest,
+#: the pair stage's, holds some 0.5-1 GB (float64 patch rows of 13,600 points x 11 x 136 are
+#: 163 MB, and its backward as much again), estimated from its tensors' sizes.
+MAX_SEGMENTS = 12
 
 
 class CaptureFailed(RuntimeError):
@@ -194,7 +203,7 @@ class GraphedCurvature:
                  capture: bool = True):
         self.queue, self.k, self.tangent_dim = queue, k, tangent_dim
         self.eps, self.balance_weight, self.capture = eps, balance_weight, capture
-        self._segments: dict[tuple, Callable] = {}
+        self._segments: OrderedDict[tuple, Callable] = OrderedDict()  # least recently used first
         self._pending: weakref.ref | None = None  # the last call's first autograd node, until its backward ran
         self.failure: str | None = None  # why a capture failed; the graphs are then never used again
 
@@ -231,19 +240,24 @@ class GraphedCurvature:
 
     def _segment(self, key: tuple, make: Callable[[], Callable], *sample: torch.Tensor) -> Callable:
         """The segment for ``key``, made (and captured, on copies of ``sample``) the first time. A
-        capture that fails raises :class:`CaptureFailed` and turns the graphs off for good."""
-        if key not in self._segments:
-            segment = make()
-            if self.capture:
-                try:
-                    segment = captured(segment, sample)
-                except RuntimeError as error:
-                    self.failure = str(error).strip().splitlines()[0]
-                    warnings.warn(f"curvature regularizer: CUDA graph capture failed ({self.failure}); "
-                                  "the eager path is used from now on", stacklevel=2)
-                    raise CaptureFailed(self.failure) from error
-            self._segments[key] = segment
-        return self._segments[key]
+        capture that fails raises :class:`CaptureFailed` and turns the graphs off for good. Only the
+        :data:`MAX_SEGMENTS` most recently used are kept: each holds its own GPU memory."""
+        if key in self._segments:
+            self._segments.move_to_end(key)
+            return self._segments[key]
+        segment = make()
+        if self.capture:
+            try:
+                segment = captured(segment, sample)
+            except RuntimeError as error:
+                self.failure = str(error).strip().splitlines()[0]
+                warnings.warn(f"curvature regularizer: CUDA graph capture failed ({self.failure}); "
+                              "the eager path is used from now on", stacklevel=2)
+                raise CaptureFailed(self.failure) from error
+        self._segments[key] = segment
+        if len(self._segments) > MAX_SEGMENTS:
+            self._segments.popitem(last=False)
+        return segment
 
     def _hold(self, node: torch.autograd.graph.Node | None) -> None:
         """Mark the graphs busy until ``node`` (the first segment's backward, a Python autograd

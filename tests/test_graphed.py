@@ -117,3 +117,20 @@ def test_a_segment_that_cannot_be_captured_turns_the_graphs_off_with_a_warning(m
             grads.append(ours.grad)
         assert_close_gradients(grads[0], grads[1])
     assert (modules[0].graphed.failure is not None) == (device == "cuda")
+
+
+def test_only_the_most_recently_used_segments_are_kept(monkeypatch):
+    """Every shape met makes segments; past MAX_SEGMENTS the least recently used one is dropped."""
+    import curvature.graphed as graphed_module
+
+    monkeypatch.setattr(graphed_module, "MAX_SEGMENTS", 4)
+    cr = CurvatureRegularizer(NUM_CLASSES, FEATURE_DIM, weight=1.0, k=K, queue_size=12, tangent_dim=2)
+    graphed = GraphedCurvature(cr.queue, K, 2, cr.eps, cr.balance_weight, capture=False)
+    for features, labels in batches("cpu", 4):
+        cr.queue.enqueue(features, labels)
+    for size in (20, 21, 22, 20):  # three batch sizes: three shapes of each segment
+        features, labels = batches("cpu", 1)[0]
+        graphed(leaf(features[:size]), labels[:size])
+    # Least recently used first: batch 20's three segments (used last, re-made after being
+    # dropped) and the last one of batch 22; batch 21's are gone.
+    assert [key[:2] for key in graphed._segments] == [("loss", 22), ("patch", 20), ("pair", 20), ("loss", 20)]
