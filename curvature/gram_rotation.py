@@ -123,8 +123,7 @@ def pair_residual_grams(patches: GramPatches, indices: torch.Tensor, dim: int,
     in order (``which`` is ``None``), twice the pairs but shapes fixed by the inputs', as CUDA
     graphs need."""
     n, k = indices.shape
-    width = patches.rows.shape[2]
-    m = k + 1
+    m, width = k + 1, patches.rows.shape[2]
     scales, has_direction = tangent_scales(patches.evals, dim)  # Λ^{-1/2} where defined, else 0
     coefficients = _centre_columns(patches.evecs[..., :dim] * scales[:, None, :])  # A_i (n, m, d)
     inner = (coefficients.mT @ patches.rows).mT.reshape(n * width, dim)  # S_i stacked: row i * W + w
