@@ -7,11 +7,12 @@ tensors on any device, in float32 or float64; see SPEC §3 for the definitions.
 """
 
 from curvature._inputs import ArrayLike, as_points, check_k
+from curvature.cr_loss import CRResult
 from curvature.local_pca import intrinsic_dim_from_neighbours
 from curvature.neighbours import Backend, knn, knn_indices
 from curvature.per_class import class_geometry
 from curvature.quadratic import QuadraticCurvature, quadratic_curvature
-from curvature.regularizer import CRResult, CurvatureRegularizer
+from curvature.regularizer import CurvatureRegularizer
 from curvature.rotation import TangentRotation, tangent_rotation
 from curvature.volumes import Separation, separation, volume
 

@@ -1,4 +1,4 @@
-"""The curvature regularization loss of SPEC §4 from per-class mean angles.
+"""The curvature regularization loss of SPEC §4 from per-class mean angles, and what a step of it gives.
 
 Both of CR's paths (:mod:`curvature.regularizer`'s, which measures the classes that changed, and
 :mod:`curvature.graphed`'s fixed-shape one for CUDA graphs) end here, so the loss has one definition.
@@ -8,10 +8,21 @@ Classes are selected by a mask rather than by indexing, so the shapes do not dep
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from curvature._linalg import safe_sqrt
+
+
+@dataclass
+class CRResult:
+    """One step of :class:`curvature.regularizer.CurvatureRegularizer`, by either of its paths."""
+
+    loss: torch.Tensor  # 0-d, carries gradient to this step's features
+    class_curvature: torch.Tensor  # (C,) detached g_c; 0 where not measured
+    measured: torch.Tensor  # (C,) bool: the class had at least k + 1 points
+    tangent_dim: int  # 0 when nothing was measured
 
 
 def normalised_curvature(mean_angle: torch.Tensor, dim: int) -> torch.Tensor:

@@ -37,12 +37,11 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from curvature._linalg import symmetric_eigh, symmetric_eigvals
-from curvature.cr_loss import curvature_loss, normalised_curvature
+from curvature.cr_loss import CRResult, curvature_loss, normalised_curvature
 from curvature.gram_rotation import (GramPatches, angles_from_sin2, cloud_grams, descending, neighbours_from_grams,
                                      pair_residual_grams, patch_grams)
 from curvature.local_pca import dim_from_histogram, explained_count_histograms
@@ -60,16 +59,6 @@ MAX_SEGMENTS = 12
 
 class CaptureFailed(RuntimeError):
     """A segment could not be captured as a CUDA graph."""
-
-
-@dataclass
-class GraphedStep:
-    """What one step of :class:`GraphedCurvature` measured."""
-
-    loss: torch.Tensor  # 0-d L_CR, with gradient to the step's features
-    class_curvature: torch.Tensor  # (C,) detached g_c, 0 where not measured
-    measured: torch.Tensor  # (C,) bool: the class had at least k + 1 points
-    tangent_dim: int
 
 
 def cloud_width(labels: torch.Tensor, num_classes: int, queue_size: int) -> int:
@@ -210,7 +199,7 @@ class GraphedCurvature:
     def ready(self) -> bool:
         return self.failure is None and (self._pending is None or self._pending() is None)
 
-    def __call__(self, features: torch.Tensor, labels: torch.Tensor) -> GraphedStep | None:
+    def __call__(self, features: torch.Tensor, labels: torch.Tensor) -> CRResult | None:
         """``None`` when no class has k + 1 points."""
         queue, k = self.queue, self.k
         width = cloud_width(labels, queue.num_classes, queue.queue_size)
@@ -236,7 +225,7 @@ class GraphedCurvature:
                               sin2, point_measured, measured)
         loss, curvature = third(sin2, point_measured, measured)
         # Copies: the replays' outputs live in the graphs' memory, which the next step overwrites.
-        return GraphedStep(loss.clone(), curvature.clone(), measured.clone(), dim)
+        return CRResult(loss.clone(), curvature.clone(), measured.clone(), dim)
 
     def _segment(self, key: tuple, make: Callable[[], Callable], *sample: torch.Tensor) -> Callable:
         """The segment for ``key``, made (and captured, on copies of ``sample``) the first time. A

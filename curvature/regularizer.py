@@ -29,22 +29,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from curvature.cr_loss import curvature_loss, normalised_curvature
+from curvature.cr_loss import CRResult, curvature_loss, normalised_curvature
 from curvature.graphed import CaptureFailed, GraphedCurvature
 from curvature.gram_rotation import GramPatches, cloud_grams, gram_angles, gram_patches, neighbours_from_grams
 from curvature.local_pca import dim_from_histogram, explained_count_histograms
 from curvature.queue import ClassFeatureQueue, GatherFn, gather_from_all_workers, rank_within_class
 from curvature.rotation import TangentDim
-
-
-@dataclass
-class CRResult:
-    """One step of :class:`CurvatureRegularizer`."""
-
-    loss: torch.Tensor  # 0-d, carries gradient to this step's features
-    class_curvature: torch.Tensor  # (C,) detached g_c; 0 where not measured
-    measured: torch.Tensor  # (C,) bool: the class had at least k + 1 points
-    tangent_dim: int  # 0 when nothing was measured
 
 
 def _class_clouds(features: torch.Tensor, labels: torch.Tensor, queue: ClassFeatureQueue, min_points: int,
@@ -167,8 +157,7 @@ class CurvatureRegularizer(nn.Module):
                 step = graphed(features, labels)
             except CaptureFailed:  # warned once; from now on graphed.ready() is False
                 return self._eager_loss(features, labels, unmeasured)
-            return unmeasured if step is None else CRResult(step.loss, step.class_curvature, step.measured,
-                                                            step.tangent_dim)
+            return unmeasured if step is None else step
         return self._eager_loss(features, labels, unmeasured)
 
     def _eager_loss(self, features: torch.Tensor, labels: torch.Tensor, unmeasured: CRResult) -> CRResult:

@@ -26,4 +26,3 @@ def run(args: argparse.Namespace) -> int:
     outcome = train(config, resume=args.resume)
     print(summary_table(outcome))
     return 0
-
