@@ -5,7 +5,8 @@ that stops (Ctrl-C, a closed terminal, a preempted job) ends the run. Its checkp
 Ray Train folder and its epochs in MLflow, so the same command with ``--resume`` continues that run
 in its own MLflow run from its latest checkpoint instead of training again from epoch 0.
 
-Only a run trained with the same config is continued: a run resumed with another learning rate or
+A run whose driver is still training is not continued (:mod:`orchestrator.run_heartbeat`). Only
+a run trained with the same config is continued: a run resumed with another learning rate or
 loss would be neither of the two experiments. Keys that change where or how fast a run trains, not
 what it trains, may differ (:data:`MAY_DIFFER`).
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
+from orchestrator.run_heartbeat import INTERVAL_S, STALE_AFTER_S, looks_alive, seconds_since_heartbeat
 from orchestrator.tracking import RUN_KEY_TAG, client, experiment_runs, logged_epochs, public_params
 
 #: ``--resume`` without a run id: the newest unfinished run of the config's experiment with this config.
@@ -43,17 +45,21 @@ def config_differences(params: dict[str, str], config: ExperimentConfig) -> list
 
 def run_to_resume(uri: str, config: ExperimentConfig, run_id: str):
     """The MLflow run to continue: ``run_id``, or with :data:`LATEST` the newest run of
-    ``config.mlflow.experiment`` that did not finish and was trained with this config. Stops with one
-    line when there is none, when the run finished, belongs to a sweep, or had another config."""
+    ``config.mlflow.experiment`` that did not finish, was trained with this config and whose driver
+    is gone. Stops with one line when there is none, when the run finished, is still training,
+    belongs to a sweep, or had another config."""
     if run_id == LATEST:
         runs = experiment_runs(uri, config.mlflow.experiment, "attributes.status != 'FINISHED'")
         runs = [run for run in runs if RUN_KEY_TAG not in run.data.tags]
         matching = [run for run in runs if not config_differences(run.data.params, config)]
-        if not matching:
+        stopped = [run for run in matching if not looks_alive(run)]
+        if matching and not stopped:
+            raise UserError(still_training(matching[0]))
+        if not stopped:
             other = f" ({len(runs)} with another config; pass one's id to see how it differs)" if runs else ""
             raise UserError(f"--resume: no unfinished run of experiment {config.mlflow.experiment!r} with this "
                             f"config{other}")
-        return matching[0]
+        return stopped[0]
     try:
         run = client(uri).get_run(run_id)
     except Exception as exc:  # MlflowException: RESOURCE_DOES_NOT_EXIST, or a malformed id
@@ -62,11 +68,21 @@ def run_to_resume(uri: str, config: ExperimentConfig, run_id: str):
         raise UserError(f"--resume: run {run_id} already finished; nothing to resume")
     if RUN_KEY_TAG in run.data.tags:
         raise UserError(f"--resume: run {run_id} is a sweep trial; resume its sweep with 'curvlt tune NAME --resume'")
+    if looks_alive(run):
+        raise UserError(still_training(run))
     differences = config_differences(run.data.params, config)
     if differences:
         more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
         raise UserError(f"--resume: run {run_id} was trained with another config: {differences[0]}{more}")
     return run
+
+
+def still_training(run) -> str:
+    """The refusal for a run whose driver stamped it within :data:`STALE_AFTER_S`."""
+    age = seconds_since_heartbeat(run)
+    return (f"--resume: run {run.info.run_id} is still training: its driver's last heartbeat was {age:.0f} s ago "
+            f"(one every {INTERVAL_S:.0f} s); stop that driver first, or, if it was killed, try again in "
+            f"{STALE_AFTER_S - age:.0f} s")
 
 
 def check_checkpoints_found(uri: str, run, folder: Path) -> None:

@@ -15,6 +15,7 @@ import pandas as pd
 from orchestrator.config import ExperimentConfig
 from orchestrator.plots import accuracy_vs_curvature, correlations_over_epochs
 from orchestrator.ray_env import ensure_ray
+from orchestrator.run_heartbeat import Heartbeat
 from orchestrator.run_resume import STORAGE_TAG, check_checkpoints_found, run_to_resume
 from orchestrator.tracking import (RUN_KEY_TAG, check_reachable, client, find_run, finish_run, resolve_tracking_uri,
                                    start_run)
@@ -94,7 +95,8 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
                              logging_config=LoggingConfig(log_level="ERROR")),
     )
     try:
-        result = trainer.fit()
+        with Heartbeat(uri, run_id):  # so that --resume leaves this run alone while it trains
+            result = trainer.fit()
     except BaseException:
         stopped = _interrupted() or (stopping is not None and stopping.is_set())
         status = "KILLED" if stopped else "FAILED"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from orchestrator.config import load_config
 from orchestrator.errors import UserError
+from orchestrator.run_heartbeat import HEARTBEAT_TAG, STALE_AFTER_S, Heartbeat
 from orchestrator.run_resume import LATEST, config_differences, run_to_resume
-from orchestrator.tracking import RUN_KEY_TAG, finish_run, public_params, start_run
+from orchestrator.tracking import RUN_KEY_TAG, client, finish_run, public_params, start_run
 
 
 @pytest.fixture
@@ -56,3 +59,43 @@ def test_resume_refusals_name_the_reason(store):
         run_to_resume(store, config, trial)
     with pytest.raises(UserError, match="no run 'nope' in the tracking store"):
         run_to_resume(store, config, "nope")
+
+
+def test_a_run_whose_driver_still_beats_is_not_resumed(store):
+    """A RUNNING run stamped within STALE_AFTER_S is refused (by id, and skipped by --resume alone);
+    an older stamp, or none (a run from before heartbeats), means its driver is gone."""
+    config = load_config("digits_lt")
+    alive, gone = start_run(store, config), start_run(store, config)
+    client(store).set_tag(gone, HEARTBEAT_TAG, f"{time.time() - STALE_AFTER_S - 5:.3f}")
+    client(store).set_tag(alive, HEARTBEAT_TAG, f"{time.time() - 20:.3f}")
+    with pytest.raises(UserError, match=rf"run {alive} is still training: its driver's last heartbeat was 2\d s ago "
+                                        r"\(one every 30 s\); stop that driver first, or, if it was killed, try "
+                                        r"again in [67]\d s$"):
+        run_to_resume(store, config, alive)
+    assert run_to_resume(store, config, gone).info.run_id == gone
+    assert run_to_resume(store, config, LATEST).info.run_id == gone  # the newer run is alive
+    finish_run(store, gone, "FINISHED", {})
+    with pytest.raises(UserError, match=f"run {alive} is still training"):
+        run_to_resume(store, config, LATEST)
+    finish_run(store, alive, "KILLED", {})  # stopped: its last stamp no longer matters
+    assert run_to_resume(store, config, alive).info.run_id == alive
+
+
+def test_heartbeat_stamps_the_run_until_the_block_ends(store):
+    run = start_run(store, load_config("digits_lt"))
+    stamps = []
+    with Heartbeat(store, run, interval_s=0.3):
+        for _ in range(3):
+            time.sleep(0.45)
+            stamps.append(float(client(store).get_run(run).data.tags[HEARTBEAT_TAG]))
+    assert stamps == sorted(stamps) and len(set(stamps)) >= 2
+    last = client(store).get_run(run).data.tags[HEARTBEAT_TAG]
+    time.sleep(0.7)
+    assert client(store).get_run(run).data.tags[HEARTBEAT_TAG] == last  # the thread has stopped
+
+
+def test_heartbeat_failures_warn_once_and_do_not_stop_training(tmp_path):
+    with pytest.warns(UserWarning, match="could not record run nope's heartbeat") as caught:
+        with Heartbeat(f"sqlite:///{tmp_path / 'mlflow.db'}", "nope", interval_s=0.1):
+            time.sleep(0.35)
+    assert len([w for w in caught if "heartbeat" in str(w.message)]) == 1
