@@ -62,11 +62,12 @@ class Heartbeat:
 
 def seconds_since_heartbeat(run) -> float | None:
     """Age of a ``RUNNING`` run's latest heartbeat; ``None`` for a run that is not ``RUNNING`` or
-    never recorded one."""
-    stamp = run.data.tags.get(HEARTBEAT_TAG)
-    if run.info.status != "RUNNING" or stamp is None:
+    has no readable one (never recorded, or a tag edited by hand)."""
+    try:
+        stamp = float(run.data.tags[HEARTBEAT_TAG])
+    except (KeyError, ValueError):
         return None
-    return max(0.0, time.time() - float(stamp))
+    return max(0.0, time.time() - stamp) if run.info.status == "RUNNING" else None
 
 
 def looks_alive(run) -> bool:

@@ -79,6 +79,8 @@ def test_a_run_whose_driver_still_beats_is_not_resumed(store):
         run_to_resume(store, config, LATEST)
     finish_run(store, alive, "KILLED", {})  # stopped: its last stamp no longer matters
     assert run_to_resume(store, config, alive).info.run_id == alive
+    edited = start_run(store, config, {HEARTBEAT_TAG: "yesterday"})  # unreadable: taken as stopped
+    assert run_to_resume(store, config, edited).info.run_id == edited
 
 
 def test_heartbeat_stamps_the_run_until_the_block_ends(store):
