@@ -156,8 +156,9 @@ class CurvatureRegularizer(nn.Module):
             try:
                 step = graphed(features, labels)
             except CaptureFailed:  # warned once; from now on graphed.ready() is False
-                return self._eager_loss(features, labels, unmeasured)
-            return unmeasured if step is None else step
+                pass
+            else:
+                return unmeasured if step is None else step
         return self._eager_loss(features, labels, unmeasured)
 
     def _eager_loss(self, features: torch.Tensor, labels: torch.Tensor, unmeasured: CRResult) -> CRResult:
