@@ -146,6 +146,9 @@ def captured(segment: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
         grad_outputs = [torch.empty_like(o) for o in differentiable]
         with torch.cuda.graph(backward_graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             grad_inputs = iter(torch.autograd.grad(differentiable, wanted, grad_outputs))
+    except RuntimeError:
+        _end_random_capture(stream)
+        raise
     finally:
         if collecting:
             gc.enable()
@@ -173,6 +176,16 @@ def captured(segment: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
         return result if len(outputs) > 1 else result[0]
 
     return replay
+
+
+def _end_random_capture(stream: torch.cuda.Stream) -> None:
+    """Capture nothing, once, after a capture that failed. Each capture marks PyTorch's CUDA random
+    generator as captured when it begins and unmarks it when it ends; a capture that fails stops
+    before the unmarking, and every later random draw on the GPU (dropout, augmentation) then fails
+    with "Offset increment outside graph capture" (seen on an H200 with PyTorch 2.11). An empty
+    capture runs both steps and leaves the generator as it was."""
+    with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=stream, capture_error_mode="thread_local"):
+        pass
 
 
 def _as_tuple(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
