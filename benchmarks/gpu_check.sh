@@ -18,7 +18,7 @@ log="${OUT:-/tmp}/gpu_check.log"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda and not faiss" tests/test_tangent_rotation.py \
         tests/test_class_geometry.py tests/test_quadratic.py tests/test_neighbours.py tests/test_gram_rotation.py \
-        tests/test_linalg.py tests/test_regularizer.py tests/test_graphed.py
+        tests/test_linalg.py tests/test_regularizer.py tests/test_graphed.py tests/test_jacobi_triton.py
     "$PYTHON" benchmarks/training.py --gpu-only
     "$PYTHON" benchmarks/geometry.py --cuda-only
 } 2>&1 | tee "$log"

@@ -9,6 +9,7 @@ those are defined, and bounded gradients where they are not.
 from __future__ import annotations
 
 import math
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -31,6 +32,8 @@ _SERIAL_ELEMENTS = 16384
 #: float64, on an H200 with PyTorch 2.11 + CUDA 13), and CR's pair stage on ResNet-32 / CIFAR-100 passes ~96,000.
 _CUDA_MAX_BATCH = 65535
 _POOL: ThreadPoolExecutor | None = None
+#: Why the Triton eigen-solver failed, once it has; it is then not tried again.
+_jacobi_failure: str | None = None
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -43,8 +46,12 @@ def _pool() -> ThreadPoolExecutor:
 def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh`` over a batch; on CPU a large batch is split across threads, since LAPACK
     solves the small matrices one at a time on one core (see ``_MIN_PARALLEL_ELEMENTS``); on CUDA
-    split into batches cuSOLVER accepts."""
+    matrices up to 4 x 4 go to the Jacobi kernel (:mod:`curvature._jacobi_triton`), which is faster
+    there and does not wait on the GPU, and larger ones to cuSOLVER in batches it accepts."""
     flat = matrices.reshape(-1, *matrices.shape[-2:])
+    solved = _jacobi_eigh(flat) if flat.device.type == "cuda" else None
+    if solved is not None:
+        return solved[0].reshape(matrices.shape[:-1]), solved[1].reshape(matrices.shape)
     if flat.device.type == "cuda":
         parts = [_cuda_eigh(part) for part in flat.split(_CUDA_MAX_BATCH)]
     elif flat.device.type == "cpu" and torch.get_num_threads() >= 2 and flat.numel() >= _MIN_PARALLEL_ELEMENTS:
@@ -59,6 +66,24 @@ def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         redo_vals, redo_vecs = torch.linalg.eigh(flat[failed].to(torch.float64))
         evals[failed], evecs[failed] = redo_vals.to(evals.dtype), redo_vecs.to(evecs.dtype)
     return evals.reshape(matrices.shape[:-1]), evecs.reshape(matrices.shape)
+
+
+def _jacobi_eigh(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`curvature._jacobi_triton.jacobi_eigh` of a CUDA batch, or ``None`` for sizes it does
+    not take, and from the first failure on (warned once): Triton may be missing, or unable to
+    build its launcher (it compiles one with the system's C compiler on first use)."""
+    global _jacobi_failure
+    if _jacobi_failure is not None:
+        return None
+    try:
+        from curvature import _jacobi_triton
+
+        return _jacobi_triton.jacobi_eigh(flat) if flat.shape[-1] <= _jacobi_triton.MAX_SIZE else None
+    except Exception as error:  # noqa: BLE001 - any failure of the kernel leaves cuSOLVER, which gives the same result
+        _jacobi_failure = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+        warnings.warn(f"curvature: the Triton eigen-solver cannot run here ({_jacobi_failure}); small CUDA "
+                      "eigen-problems go to cuSOLVER, which waits on the GPU", stacklevel=4)
+        return None
 
 
 def _cuda_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
