@@ -32,6 +32,7 @@ CPU, that this path gives the eager path's loss and gradients.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import warnings
 import weakref
@@ -183,8 +184,10 @@ def _end_random_capture(stream: torch.cuda.Stream) -> None:
     generator as captured when it begins and unmarks it when it ends; a capture that fails stops
     before the unmarking, and every later random draw on the GPU (dropout, augmentation) then fails
     with "Offset increment outside graph capture" (seen on an H200 with PyTorch 2.11). An empty
-    capture runs both steps and leaves the generator as it was."""
-    with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=stream, capture_error_mode="thread_local"):
+    capture runs both steps and leaves the generator as it was. Should that fail too, the original
+    error is the one worth reporting, so this one is dropped."""
+    with contextlib.suppress(RuntimeError), torch.cuda.graph(torch.cuda.CUDAGraph(), stream=stream,
+                                                               capture_error_mode="thread_local"):
         pass
 
 
