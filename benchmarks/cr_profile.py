@@ -4,7 +4,7 @@
     python benchmarks/cr_profile.py --cuda                   # GPU: ResNet-32 / CIFAR-100-shaped (100 classes, Q = 128, p = 64)
     python benchmarks/cr_profile.py --cuda --tangent-dim 4 --eager --rows 40
 
-Prints the median time of one CR step (forward and backward, the device synchronised) and the
+Prints the best time of one CR step (forward and backward, the device synchronised) and the
 profiler's table of the operators and kernels that took longest (self time on the device when it is
 CUDA, else on the CPU). The features are random, so the "auto" tangent dimension is near its
 ceiling k - 2; ``--tangent-dim`` fixes it. With CUDA graphs (the default on CUDA) the kernels run
@@ -14,13 +14,10 @@ inside replays, which the table shows as whole; ``--eager`` profiles the eager p
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from _machine import describe
+from _machine import best_time, describe
 from curvature.regularizer import CurvatureRegularizer
 
 
@@ -59,20 +56,12 @@ def main() -> None:
     labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
     with torch.no_grad():
         dim = cr(features, labels, epoch=10**6).tangent_dim
-    times = []
-    for _ in range(args.steps * 2):
-        if args.cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(cr, features, labels)
-        if args.cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    best = best_time(lambda: step(cr, features, labels), repeats=args.steps, warmup=args.steps)
     print(describe())
     path = "eager" if not args.cuda or args.eager else "CUDA graphs"
     print(f"CR alone ({device.type}, {path}, {num_classes} classes, Q = {queue_size}, p = {feature_dim}, "
-          f"batch {batch}, k = {args.k}, tangent dim {dim}): median {statistics.median(times[args.steps:]) * 1e3:.2f} ms "
-          f"per forward and backward over {args.steps} steps")
+          f"batch {batch}, k = {args.k}, tangent dim {dim}): best of {args.steps} steps {best * 1e3:.2f} ms "
+          f"per forward and backward")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.cuda else [])
     with profile(activities=activities) as profiler:
         for _ in range(args.steps):

@@ -106,7 +106,7 @@ def jacobi_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     count, n = matrices.shape[0], matrices.shape[-1]
     if not 1 <= n <= MAX_SIZE:
         raise ValueError(f"matrices: the Jacobi kernel takes sizes 1 to {MAX_SIZE}, got {n} x {n}")
-    work = matrices.contiguous().clone()
+    work = matrices.clone(memory_format=torch.contiguous_format)  # the kernel's working copy, one copy
     evals = matrices.new_empty(count, n)
     evecs = matrices.new_empty(count, n, n)
     if count > 0:
