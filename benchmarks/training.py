@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from _machine import describe
+from curvature import _native
 from curvature.queue import GatherFn
 from curvature.regularizer import CurvatureRegularizer
 from curvature.rotation import TangentDim
@@ -47,11 +48,13 @@ FILL_VALUES = 2**27
 class StepKind:
     """One kind of timed training step: ``cr`` None is the base step; ``every_class``: CR forgets,
     before the step, the curvatures it keeps of classes measured on their queue alone, so that its
-    eager path measures every class (how CR worked before it kept them)."""
+    eager path measures every class (how CR worked before it kept them); ``native``: on the CPU,
+    whether CR runs its compiled kernels (:mod:`curvature._native`) or its tensor form."""
 
     label: str
     cr: CurvatureRegularizer | None = None
     every_class: bool = False
+    native: bool = True
 
 
 def interleaved_steps(model, loss_fn, batches, kinds: list[StepKind], device: torch.device, amp: bool,
@@ -67,6 +70,7 @@ def interleaved_steps(model, loss_fn, batches, kinds: list[StepKind], device: to
             kind = kinds[index]
             if kind.every_class:
                 kind.cr.queue_curvature.forget()
+            _native.enabled = kind.native
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -109,6 +113,8 @@ def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_clas
             for images, labels in fill():
                 cr.queue.enqueue(model(images.to(device))[0], labels.to(device))
     kinds = [StepKind(name), StepKind(f"{name}, CUDA graphs" if device.type == "cuda" else name, cr)]
+    if device.type == "cpu" and _native.library() is not None:
+        kinds.append(StepKind(f"{name}, tensor form (no compiled kernels)", regularizer(False), native=False))
     if device.type == "cuda":
         kinds.append(StepKind(f"{name}, eager", regularizer(False)))
         if every_class_too:
@@ -123,6 +129,7 @@ def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_clas
     t_base = statistics.median(base)
     queue_mb = cr.queue.queue.numel() * cr.queue.queue.element_size() / 2**20
     for kind, times in zip(kinds[1:], with_cr):
+        _native.enabled = kind.native
         dim = kind.cr(model(batches[0][0].to(device))[0], batches[0][1].to(device), epoch=10**6).tangent_dim
         # The ratio is the median over batches of (CR step / base step on the same batch, taken
         # back to back), which cancels the machine's slow episodes better than a ratio of medians.
@@ -130,6 +137,7 @@ def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_clas
         print(f"| {kind.label} | {state} | {device.type} | {num_classes} | {len(batches[0][1])} | "
               f"{cr_config.queue_size} | {cr_config.k} | {dim} | {t_base * 1e3:.1f} | {statistics.median(times) * 1e3:.1f} | "
               f"{ratio:.2f} | {queue_mb:.2f} |", flush=True)
+    _native.enabled = True
     return [(kind.label, kind.cr) for kind in kinds[1:] if not kind.every_class]
 
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from curvature import _native
 #: Batches of fewer elements than this are decomposed on the calling thread. Splitting pays only when
 #: each thread gets enough work: in a real workload the ATen ops just before leave OpenMP workers on
 #: the same cores. Measured on the 2-core machine inside ``tangent_rotation``, the pool was 1.5x
@@ -44,8 +45,10 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh`` over a batch; on CPU a large batch is split across threads, since LAPACK
-    solves the small matrices one at a time on one core (see ``_MIN_PARALLEL_ELEMENTS``); on CUDA
+    """``torch.linalg.eigh`` over a batch; on the CPU by the compiled Jacobi kernel
+    (:mod:`curvature._native`) where it can be built, else by LAPACK, with a large batch split
+    across threads, since LAPACK solves the small matrices one at a time on one core (see
+    ``_MIN_PARALLEL_ELEMENTS``); on CUDA
     matrices up to 4 x 4 go to the Jacobi kernel (:mod:`curvature._jacobi_triton`), which is faster
     there and does not wait on the GPU, and larger ones to cuSOLVER in batches it accepts."""
     flat = matrices.reshape(-1, *matrices.shape[-2:])
@@ -54,6 +57,8 @@ def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return solved[0].reshape(matrices.shape[:-1]), solved[1].reshape(matrices.shape)
     if flat.device.type == "cuda":
         parts = [_cuda_eigh(part) for part in flat.split(_CUDA_MAX_BATCH)]
+    elif _native.available(flat.device, flat.shape[-1]):
+        parts = [_native.eigh(flat)]
     elif flat.device.type == "cpu" and torch.get_num_threads() >= 2 and flat.numel() >= _MIN_PARALLEL_ELEMENTS:
         parts = list(_pool().map(torch.linalg.eigh, flat.split(max(1, _SERIAL_ELEMENTS // flat[0].numel()))))
     else:

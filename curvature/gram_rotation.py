@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from curvature import _native
 from curvature._linalg import safe_sqrt, squared_angle_from_sin2, symmetric_eigh, symmetric_eigvals
 from curvature.local_pca import tangent_scales
 
@@ -110,37 +111,72 @@ def descending(evals: torch.Tensor, evecs: torch.Tensor) -> tuple[torch.Tensor, 
 def gram_angles(patches: GramPatches, indices: torch.Tensor, dim: int,
                 angle_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The pair stage: per-point angle curvature ``a_i`` (radians, ``angle_dtype``) with tangent
-    dimension ``dim``; differentiable with respect to the Gram matrices behind ``patches``."""
-    residual_gram, which = pair_residual_grams(patches, indices, dim)
-    return angles_from_sin2(symmetric_eigvals(residual_gram.to(angle_dtype)), which, indices.shape[1])
+    dimension ``dim``; differentiable with respect to the Gram matrices behind ``patches``. On the
+    CPU it runs as one compiled loop (:mod:`curvature._native`) where that can be built."""
+    pairs = pair_operands(patches, indices, dim)
+    k = indices.shape[1]
+    if _native.available(indices.device, dim):
+        theta = _native.pair_angles(pairs.coefficients, pairs.inner, patches.patches, pairs.has_direction,
+                                         pairs.own, pairs.other, torch.finfo(angle_dtype).eps)
+        return angles_from_theta(theta.to(angle_dtype), pairs.which, k)
+    return angles_from_sin2(symmetric_eigvals(residual_grams(pairs, patches).to(angle_dtype)), pairs.which, k)
 
 
-def pair_residual_grams(patches: GramPatches, indices: torch.Tensor, dim: int,
-                        distinct: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`gram_angles` up to its eigenvalues: ``R Rᵀ`` (E, d, d) of each neighbour pair, and
-    which pair each directed edge (flattened ``indices``) is. ``distinct``: each pair whose two
-    tangent spaces both have d directions once (``which`` maps back); otherwise every directed edge
-    in order (``which`` is ``None``), twice the pairs but shapes fixed by the inputs', as CUDA
-    graphs need."""
+@dataclass
+class PairOperands:
+    """What the pair stage needs of the patches, and which pairs it measures."""
+
+    coefficients: torch.Tensor  # (n, m, d) A_i = H U_i[:, :d] Λ_i^{-1/2}
+    inner: torch.Tensor  # (n, W, d) S_i = K[:, P_i] A_i: each point's cloud against its tangent directions
+    has_direction: torch.Tensor  # (n, d) which of each point's d tangent directions have variance
+    own: torch.Tensor  # (E,) i of each measured pair
+    other: torch.Tensor  # (E,) j of each measured pair
+    which: torch.Tensor | None  # (n * k,) measured pair of each directed edge; None: every edge, in order
+
+
+def pair_operands(patches: GramPatches, indices: torch.Tensor, dim: int, distinct: bool = True) -> PairOperands:
+    """The pair stage's operands. ``distinct``: each pair whose two tangent spaces both have d
+    directions once (``which`` maps back); otherwise every directed edge in order (``which`` is
+    ``None``), twice the pairs but shapes fixed by the inputs', as CUDA graphs need."""
     n, k = indices.shape
-    m, width = k + 1, patches.rows.shape[2]
     scales, has_direction = tangent_scales(patches.evals, dim)  # Λ^{-1/2} where defined, else 0
     coefficients = _centre_columns(patches.evecs[..., :dim] * scales[:, None, :])  # A_i (n, m, d)
-    inner = (coefficients.mT @ patches.rows).mT.reshape(n * width, dim)  # S_i stacked: row i * W + w
+    inner = (coefficients.mT @ patches.rows).mT  # (n, W, d)
     if distinct:
         own, other, which = _undirected_edges(indices, has_direction.all(dim=1))
     else:
         own, other, which = torch.arange(n * k, device=indices.device) // k, indices.flatten(), None
-    picked = inner.index_select(0, (own[:, None] * width + patches.patches[other]).flatten()).reshape(-1, m, dim)
-    overlap = coefficients.index_select(0, other).mT @ picked  # (E, d, d): M_ij = T_j T_iᵀ
-    return torch.diag_embed(has_direction.index_select(0, other).to(overlap.dtype)) - overlap @ overlap.mT, which
+    return PairOperands(coefficients, inner, has_direction, own, other, which)
+
+
+def pair_residual_grams(patches: GramPatches, indices: torch.Tensor, dim: int,
+                        distinct: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`gram_angles` up to its eigenvalues, in tensor form: ``R Rᵀ`` (E, d, d) of each
+    neighbour pair, and which pair each directed edge (flattened ``indices``) is; ``distinct`` as
+    for :func:`pair_operands`."""
+    pairs = pair_operands(patches, indices, dim, distinct)
+    return residual_grams(pairs, patches), pairs.which
+
+
+def residual_grams(pairs: PairOperands, patches: GramPatches) -> torch.Tensor:
+    """``R Rᵀ = diag(h_j) - M_ij M_ijᵀ`` (E, d, d), ``M_ij = A_jᵀ S_i[P_j]``."""
+    n, width, dim = pairs.inner.shape
+    m = pairs.coefficients.shape[1]
+    picked = pairs.inner.reshape(n * width, dim).index_select(
+        0, (pairs.own[:, None] * width + patches.patches[pairs.other]).flatten()).reshape(-1, m, dim)
+    overlap = pairs.coefficients.index_select(0, pairs.other).mT @ picked  # (E, d, d): M_ij = T_j T_iᵀ
+    return torch.diag_embed(pairs.has_direction.index_select(0, pairs.other).to(overlap.dtype)) - overlap @ overlap.mT
 
 
 def angles_from_sin2(sin2: torch.Tensor, which: torch.Tensor | None, k: int) -> torch.Tensor:
     """Per-point angle curvature (n,) from the pairs' sin² of principal angles (E, d): the mean over
     each point's k neighbours of ``θ = sqrt(Σ θ_l²)`` (SPEC §3.3); ``which`` as from
-    :func:`pair_residual_grams`."""
-    theta = safe_sqrt(squared_angle_from_sin2(sin2).sum(dim=-1))
+    :func:`pair_operands`."""
+    return angles_from_theta(safe_sqrt(squared_angle_from_sin2(sin2).sum(dim=-1)), which, k)
+
+
+def angles_from_theta(theta: torch.Tensor, which: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Per-point angle curvature (n,): the mean of the pairs' ``θ`` (E,) over each point's k neighbours."""
     return (theta if which is None else theta.index_select(0, which)).reshape(-1, k).mean(dim=1)
 
 

@@ -1,0 +1,158 @@
+"""Compiled CPU kernels (:file:`_native.c`): small batched eigen-decompositions, and CR's pair stage.
+
+Why: LAPACK solves a batch of small symmetric matrices one call per matrix, each with its own
+checks and workspace; ``torch.linalg.eigh`` of CR's 448 patch matrices of 11 x 11 took 3.6 ms on
+the 2-core VM, where the cyclic Jacobi method run on 8 matrices side by side in vector registers
+takes 1.4 ms (and 3,000 matrices of 4 x 4: 0.47 against 2.9 ms). On the CPU the pair stage of :mod:`curvature.gram_rotation` is a dozen small batched
+operators over a few thousand neighbour pairs and one LAPACK call per pair matrix. Each costs more
+in dispatch, allocation and passes over memory than in arithmetic: at Fashion-MNIST sizes (10
+classes, 448 points, ~3,000 pairs, d = 4) its forward and backward took about 11 ms of CR's 18.
+The C loop does each pair's whole chain, from ``M_ij = A_jᵀ S_i[P_j]`` to its angle and back,
+on the stack.
+
+The library is built on first use with the system's C compiler (``$CC``, else ``cc``; about 0.3 s)
+into ``$XDG_CACHE_HOME/curvlt`` (default ``~/.cache/curvlt``), named by a hash of its source and
+flags, so that processes share it and an edited source is rebuilt. Where it cannot be built or
+loaded, or ``CURVLT_NATIVE=0`` is set, the tensor form runs instead (warned once), with the same
+values and gradients (tested).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("_native.c")
+_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC")
+_FUNCTIONS = {
+    "curvlt_pair_forward": [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 6
+                           + [ctypes.c_double] + [ctypes.c_void_p] * 2,
+    "curvlt_pair_backward": [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 9,
+    "curvlt_eigh": [ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 3,
+}
+
+#: Whether the CPU work goes to the compiled kernels; ``CURVLT_NATIVE=0`` turns them off (benchmarks
+#: flip it to compare both forms in one process).
+enabled = os.environ.get("CURVLT_NATIVE", "1") != "0"
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "curvlt"
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (unless already cached) and load the library; raises on any failure."""
+    compiler = os.environ.get("CC", "cc")
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"native-{digest}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Built under a temporary name and renamed, so processes building at once never load half a file.
+        handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(handle)
+        try:
+            subprocess.run([compiler, *_FLAGS, "-o", partial, str(_SOURCE), "-lm"], check=True,
+                           capture_output=True, text=True, timeout=120)
+            os.replace(partial, target)
+        except subprocess.CalledProcessError as error:
+            raise RuntimeError(f"{compiler} failed: {error.stderr.strip().splitlines()[-1:]}") from error
+        finally:
+            Path(partial).unlink(missing_ok=True)
+    library = ctypes.CDLL(str(target))
+    for name, arguments in _FUNCTIONS.items():
+        getattr(library, name).argtypes = arguments
+        getattr(library, name).restype = None
+    library.curvlt_max_dim.restype = ctypes.c_int
+    return library
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or ``None`` when turned off or unavailable (the reason warned once)."""
+    global _library, _failure
+    if not enabled or _failure is not None:
+        return None
+    if _library is None:
+        try:
+            _library = _build()
+        except Exception as error:  # noqa: BLE001 - any failure leaves the tensor form, which gives the same result
+            _failure = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+            warnings.warn(f"curvature: the compiled pair stage cannot be built here ({_failure}); CR runs its "
+                          "tensor form on the CPU, which is slower", stacklevel=3)
+            return None
+    return _library
+
+
+def available(device: torch.device, dim: int) -> bool:
+    """Whether the kernels can take matrices of size ``dim`` (a tangent dimension, or the size of
+    eigen-problems) on ``device`` here."""
+    if device.type != "cpu":
+        return False
+    kernel = library()
+    return kernel is not None and dim <= kernel.curvlt_max_dim()
+
+
+def pair_angles(coefficients: torch.Tensor, inner: torch.Tensor, slots: torch.Tensor, has_direction: torch.Tensor,
+                own: torch.Tensor, other: torch.Tensor, eps: float) -> torch.Tensor:
+    """Grassmann distance ``θ`` (E,) float64 of each edge (``own[e]``, ``other[e]``), differentiable
+    with respect to ``coefficients`` (n, m, d) and ``inner`` (n, W, d), as
+    :func:`curvature.gram_rotation.pair_residual_grams` followed by
+    :func:`curvature.gram_rotation.angles_from_sin2` computes it; ``eps``: machine epsilon of the
+    angle dtype, which sets the same cut-offs."""
+    return _PairAngles.apply(coefficients, inner, slots, has_direction, own, other, eps)
+
+
+def eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of a CPU batch (n, d, d) of symmetric matrices: eigenvalues ascending,
+    eigenvectors as columns, in the input's dtype (computed in float64)."""
+    work = matrices.detach().double().contiguous()
+    evals = torch.empty(work.shape[:-1], dtype=torch.float64)
+    evecs = torch.empty_like(work)
+    library().curvlt_eigh(work.shape[0], work.shape[-1], _pointer(work), _pointer(evals), _pointer(evecs))
+    return evals.to(matrices.dtype), evecs.to(matrices.dtype)
+
+
+def _pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+class _PairAngles(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, coefficients: torch.Tensor, inner: torch.Tensor, slots: torch.Tensor,  # type: ignore[override]
+                has_direction: torch.Tensor, own: torch.Tensor, other: torch.Tensor, eps: float) -> torch.Tensor:
+        # Every tensor whose address goes to C is held by a name until the call returns.
+        coefficients, inner = coefficients.detach().double().contiguous(), inner.detach().double().contiguous()
+        slots, own, other = slots.long().contiguous(), own.long().contiguous(), other.long().contiguous()
+        has_direction = has_direction.double().contiguous()
+        dim, edges = coefficients.shape[2], own.numel()
+        theta = torch.empty(edges, dtype=torch.float64)
+        # What the backward pass reads per edge: M, the eigenvectors of G, and dθ/dλ.
+        saved = torch.empty(edges, 2 * dim * dim + dim, dtype=torch.float64) if any(ctx.needs_input_grad) else None
+        library().curvlt_pair_forward(edges, *_shape(coefficients, inner), _pointer(coefficients), _pointer(inner),
+                                      _pointer(slots), _pointer(has_direction), _pointer(own),
+                                      _pointer(other), eps, _pointer(theta), None if saved is None else _pointer(saved))
+        ctx.save_for_backward(coefficients, inner, slots, own, other, saved)
+        return theta
+
+    @staticmethod
+    def backward(ctx, grad_theta: torch.Tensor):  # type: ignore[override]
+        coefficients, inner, slots, own, other, saved = ctx.saved_tensors
+        grad_coefficients, grad_inner = torch.zeros_like(coefficients), torch.zeros_like(inner)
+        grad_theta = grad_theta.double().contiguous()
+        operands = (coefficients, inner, slots, own, other, saved, grad_theta, grad_coefficients, grad_inner)
+        library().curvlt_pair_backward(own.numel(), *_shape(coefficients, inner), *map(_pointer, operands))
+        return grad_coefficients, grad_inner, None, None, None, None, None
+
+
+def _shape(coefficients: torch.Tensor, inner: torch.Tensor) -> tuple[int, int, int]:
+    """(d, m, W) of coefficients (n, m, d) and inner (n, W, d)."""
+    return coefficients.shape[2], coefficients.shape[1], inner.shape[1]

@@ -1,0 +1,122 @@
+"""The compiled CPU kernels (curvature/_native.c): built here, LAPACK's eigen-decompositions, the
+tensor form's pair stage (values and gradients), and the tensor form when they cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from curvature import _native, manifolds
+from curvature.gram_rotation import cloud_grams, gram_angles, gram_patches
+from curvature.neighbours import knn_indices
+
+
+def test_kernels_build_on_this_machine():
+    """CI has a C compiler: were the kernels not built, every other CPU test would run the tensor
+    form alone and this module's comparisons would compare it with itself."""
+    assert _native.library() is not None, _native._failure
+
+
+def symmetric_batch(size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random positive semi-definite matrices of rank size - 1 (as centred patches are), a repeated
+    eigenvalue, a zero matrix and an identity: the cases Jacobi rotations must settle."""
+    generator = torch.Generator().manual_seed(size)
+    factors = torch.randn(40, size, size - 1 if size > 1 else 1, generator=generator, dtype=torch.float64)
+    matrices = factors @ factors.mT
+    matrices[0] = 0.0
+    matrices[1] = torch.eye(size, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))[0]
+    repeated = torch.ones(size, dtype=torch.float64)
+    repeated[-1] = 3.0
+    matrices[2] = basis @ torch.diag(repeated) @ basis.mT
+    return matrices.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7, 11, 16])
+def test_eigh_matches_lapack(size, dtype):
+    matrices = symmetric_batch(size, dtype)
+    evals, evecs = _native.eigh(matrices)
+    expected = torch.linalg.eigh(matrices.double()).eigenvalues
+    assert evals.dtype == dtype and evecs.dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    scale = float(matrices.abs().max())
+    assert float((evals.double() - expected).abs().max()) < tolerance * scale
+    assert bool((evals[:, 1:] >= evals[:, :-1]).all())
+    eye = torch.eye(size, dtype=dtype).expand_as(evecs)
+    torch.testing.assert_close(evecs.mT @ evecs, eye, rtol=0, atol=tolerance * 10)
+    torch.testing.assert_close(evecs @ torch.diag_embed(evals) @ evecs.mT, matrices, rtol=0, atol=tolerance * 10 * scale)
+
+
+def cr_like_clouds(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two clouds padded to one width: a curved one, and a random one with repeated points (whose
+    patches have fewer directions than d, so some pairs are measured in one direction only)."""
+    width = 60
+    sphere = torch.tensor(manifolds.sphere(width, 3, 2.0, 16, rng)) + 4.0
+    random = torch.tensor(rng.normal(size=(width, 16)))
+    random[:8] = random[0]
+    batch = torch.stack([sphere, random])
+    indices = torch.cat([knn_indices(sphere, 8, "torch"), knn_indices(random[:50], 8, "torch") + width])
+    members = torch.cat([torch.arange(width), torch.arange(50) + width])
+    return batch, members, indices
+
+
+@pytest.mark.parametrize("angle_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [1, 2, 3, 5])
+def test_pair_stage_equals_the_tensor_form(dim, angle_dtype, rng, monkeypatch):
+    """Same angles and the same gradient with respect to the points as the tensor form: to float32
+    precision where the tensor form solves its pair eigen-problems in float32, and in float64 up to
+    the ~sqrt(eps) (1.5e-8 rad) to which both resolve angles near 0 (the repeated points' patches)."""
+    batch, members, indices = cr_like_clouds(rng)
+    weights = torch.tensor(rng.normal(size=len(members)))
+
+    def angles_and_gradient(native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(_native, "enabled", native)
+        points = batch.clone().requires_grad_()
+        valid = torch.zeros(batch.shape[:2], dtype=torch.bool).flatten().index_fill(0, members, True).reshape(2, -1)
+        angle = gram_angles(gram_patches(cloud_grams(points, valid), members, indices), indices, dim, angle_dtype)
+        (angle.double() * weights).sum().backward()
+        return angle.detach(), points.grad
+
+    angle, gradient = angles_and_gradient(True)
+    expected_angle, expected_gradient = angles_and_gradient(False)
+    assert angle.dtype == angle_dtype
+    tolerance = 1e-7 if angle_dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(angle, expected_angle, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(gradient, expected_gradient, rtol=tolerance * 100, atol=tolerance * 10)
+
+
+def test_without_a_compiler_warns_once_and_runs_the_tensor_form(rng, monkeypatch, tmp_path):
+    batch, members, indices = cr_like_clouds(rng)
+    valid = torch.zeros(batch.shape[:2], dtype=torch.bool).flatten().index_fill(0, members, True).reshape(2, -1)
+    patches = gram_patches(cloud_grams(batch, valid), members, indices)
+    expected = gram_angles(patches, indices, 3)
+    monkeypatch.setattr(_native, "_library", None)
+    monkeypatch.setattr(_native, "_failure", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(UserWarning, match="cannot be built here"):
+        assert _native.library() is None
+    assert "no-such-compiler" in _native._failure
+    torch.testing.assert_close(gram_angles(patches, indices, 3), expected, rtol=1e-9, atol=1e-12)
+    assert not _native.available(torch.device("cpu"), 3)
+
+
+def test_processes_building_at_once_each_load_a_whole_library(tmp_path):
+    """Ray workers start together: each builds under a temporary name and renames, so none loads a
+    half-written file; ``CURVLT_NATIVE=0`` turns the kernels off."""
+    script = "from curvature import _native; print(_native.library() is not None)"
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    runs = [subprocess.Popen([sys.executable, "-c", script], env=environment, stdout=subprocess.PIPE, text=True)
+            for _ in range(3)]
+    assert [run.communicate(timeout=120)[0].strip() for run in runs] == ["True"] * 3
+    assert len(list((tmp_path / "curvlt").glob("native-*.so"))) == 1
+    assert not [path for path in (tmp_path / "curvlt").iterdir() if not path.name.startswith("native-")]
+    switched_off = subprocess.run([sys.executable, "-c", script], env={**environment, "CURVLT_NATIVE": "0"},
+                                  capture_output=True, text=True, timeout=120)
+    assert switched_off.stdout.strip() == "False"
