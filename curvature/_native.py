@@ -1,14 +1,14 @@
 """Compiled CPU kernels (:file:`_native.c`): small batched eigen-decompositions, and CR's pair stage.
 
 Why: LAPACK solves a batch of small symmetric matrices one call per matrix, each with its own
-checks and workspace; ``torch.linalg.eigh`` of CR's 448 patch matrices of 11 x 11 took 3.6 ms on
+checks and workspace: ``torch.linalg.eigh`` of CR's 448 patch matrices of 11 x 11 took 3.6 ms on
 the 2-core VM, where the cyclic Jacobi method run on 8 matrices side by side in vector registers
-takes 1.4 ms (and 3,000 matrices of 4 x 4: 0.47 against 2.9 ms). On the CPU the pair stage of :mod:`curvature.gram_rotation` is a dozen small batched
-operators over a few thousand neighbour pairs and one LAPACK call per pair matrix. Each costs more
-in dispatch, allocation and passes over memory than in arithmetic: at Fashion-MNIST sizes (10
-classes, 448 points, ~3,000 pairs, d = 4) its forward and backward took about 11 ms of CR's 18.
-The C loop does each pair's whole chain, from ``M_ij = A_jᵀ S_i[P_j]`` to its angle and back,
-on the stack.
+takes 1.4 ms (3,000 matrices of 4 x 4: 0.47 against 2.9 ms). And in tensor form, CR's pair stage
+(:mod:`curvature.gram_rotation`) is a dozen small batched operators over a few thousand neighbour
+pairs, each costing more in dispatch, allocation and passes over memory than in arithmetic: at
+Fashion-MNIST sizes (10 classes, 448 points, ~3,000 pairs, d = 4) its forward and backward took
+about 11 ms of CR's 18. The C loop does each pair's whole chain, from ``M_ij = A_jᵀ S_i[P_j]`` to
+its angle and back, on the stack (2.2 ms).
 
 The library is built on first use with the system's C compiler (``$CC``, else ``cc``; about 0.3 s)
 into ``$XDG_CACHE_HOME/curvlt`` (default ``~/.cache/curvlt``), named by a hash of its source and
@@ -65,7 +65,8 @@ def _build() -> ctypes.CDLL:
                            capture_output=True, text=True, timeout=120)
             os.replace(partial, target)
         except subprocess.CalledProcessError as error:
-            raise RuntimeError(f"{compiler} failed: {error.stderr.strip().splitlines()[-1:]}") from error
+            last_line = (error.stderr.strip().splitlines() or ["no message"])[-1]
+            raise RuntimeError(f"{compiler} failed: {last_line}") from error
         finally:
             Path(partial).unlink(missing_ok=True)
     library = ctypes.CDLL(str(target))
@@ -86,8 +87,8 @@ def library() -> ctypes.CDLL | None:
             _library = _build()
         except Exception as error:  # noqa: BLE001 - any failure leaves the tensor form, which gives the same result
             _failure = f"{type(error).__name__}: {error}".strip().splitlines()[0]
-            warnings.warn(f"curvature: the compiled pair stage cannot be built here ({_failure}); CR runs its "
-                          "tensor form on the CPU, which is slower", stacklevel=3)
+            warnings.warn(f"curvature: the compiled CPU kernels cannot be built here ({_failure}); eigen-problems "
+                          "and CR's pair stage run as PyTorch operators, which is slower", stacklevel=3)
             return None
     return _library
 
