@@ -228,6 +228,24 @@ void curvlt_pair_backward(int64_t edges, int d, int m, int64_t width, const doub
     }
 }
 
+/* Lane `lane`'s eigenvalues and eigenvectors (columns) of a decomposed block, sorted (ascending, or
+ * descending with `descending`) into lam (d,) and vecs (d, d). */
+static void sorted_lane(int d, int lane, const double *wl, const double *wv, int descending, double *lam,
+                        double *vecs) {
+    int order[MAX_DIM];
+    for (int i = 0; i < d; ++i) order[i] = i;
+    for (int i = 1; i < d; ++i) /* insertion sort */
+        for (int j = i; j > 0; --j) {
+            double here = wl[order[j] * LANES + lane], before = wl[order[j - 1] * LANES + lane];
+            if (descending ? here <= before : here >= before) break;
+            int swap = order[j]; order[j] = order[j - 1]; order[j - 1] = swap;
+        }
+    for (int i = 0; i < d; ++i) {
+        lam[i] = wl[order[i] * LANES + lane];
+        for (int r = 0; r < d; ++r) vecs[r * d + i] = wv[(r * d + order[i]) * LANES + lane];
+    }
+}
+
 /* Eigenvalues (ascending) into lam (n, d) and eigenvectors as columns into vecs (n, d, d) of the
  * symmetric matrices a (n, d, d), all contiguous. */
 void curvlt_eigh(int64_t n, int d, const double *a, double *lam, double *vecs) {
@@ -238,18 +256,167 @@ void curvlt_eigh(int64_t n, int d, const double *a, double *lam, double *vecs) {
         for (int lane = 0; lane < lanes; ++lane)
             for (int e = 0; e < d * d; ++e) work[e * LANES + lane] = a[(first + lane) * d * d + e];
         jacobi(d, work, wl, wv);
+        for (int lane = 0; lane < lanes; ++lane)
+            sorted_lane(d, lane, wl, wv, 0, lam + (first + lane) * d, vecs + (first + lane) * d * d);
+    }
+}
+
+/* ---- CR's patch stage (curvature/gram_rotation.py, kernel form) ----
+ * Point r's patch P = slots[r, :m] lies in cloud block[r], whose Gram matrix is
+ * K = grams + block[r] * W * W. Its centred Gram matrix C = H K[P, P] H = U diag(lambda) U^T
+ * (descending), the scales s_l = lambda_l^(-1/2) of the top d directions that have variance
+ * (lambda_l > 100 eps lambda_0 and > 0, else s_l = 0), the coefficients A = H U[:, :d] diag(s) and
+ * the inner products S = K[:, P] A of the whole cloud with T_r's directions. */
+
+/* Descending eigenvalues (n, m) and eigenvectors (n, m, m) of every patch's C. */
+void curvlt_patch_spectra(int64_t n, int m, int64_t width, const double *grams, const int64_t *block,
+                          const int64_t *slots, double *evals, double *evecs) {
+    double work[MAX_DIM * MAX_DIM * LANES], wl[MAX_DIM * LANES], wv[MAX_DIM * MAX_DIM * LANES];
+    double mean[MAX_DIM];
+    for (int64_t first = 0; first < n; first += LANES) {
+        int lanes = n - first < LANES ? (int)(n - first) : LANES;
+        memset(work, 0, sizeof(double) * m * m * LANES);
         for (int lane = 0; lane < lanes; ++lane) {
-            int order[MAX_DIM];
-            for (int i = 0; i < d; ++i) order[i] = i;
-            for (int i = 1; i < d; ++i) /* insertion sort of the eigenvalues, ascending */
-                for (int j = i; j > 0 && wl[order[j] * LANES + lane] < wl[order[j - 1] * LANES + lane]; --j) {
-                    int swap = order[j]; order[j] = order[j - 1]; order[j - 1] = swap;
+            const double *K = grams + block[first + lane] * width * width;
+            const int64_t *P = slots + (first + lane) * m;
+            double total = 0.0;
+            for (int a = 0; a < m; ++a) {
+                double sum = 0.0;
+                for (int b = 0; b < m; ++b) sum += K[P[a] * width + P[b]];
+                mean[a] = sum / m;
+                total += sum;
+            }
+            total /= (double)m * m;
+            for (int a = 0; a < m; ++a)
+                for (int b = 0; b < m; ++b)
+                    work[(a * m + b) * LANES + lane] = K[P[a] * width + P[b]] - mean[a] - mean[b] + total;
+        }
+        jacobi(m, work, wl, wv);
+        for (int lane = 0; lane < lanes; ++lane)
+            sorted_lane(m, lane, wl, wv, 1, evals + (first + lane) * m, evecs + (first + lane) * m * m);
+    }
+}
+
+/* The top-d scales s (d,) of one patch's descending eigenvalues, 0 for directions without variance. */
+static void tangent_scales(int d, const double *lam, double *scale) {
+    double floor = lam[0] * 100.0 * 2.220446049250313e-16;
+    for (int l = 0; l < d; ++l) scale[l] = (lam[l] > floor && lam[l] > 0.0) ? 1.0 / sqrt(lam[l]) : 0.0;
+}
+
+/* A (n, m, d), S (n, width, d) and has (n, d) (1 where the direction has variance) of every patch. */
+void curvlt_patch_forward(int64_t n, int m, int d, int64_t width, const double *grams, const int64_t *block,
+                          const int64_t *slots, const double *evals, const double *evecs, double *coef,
+                          double *inner, double *has) {
+    double scale[MAX_DIM];
+    for (int64_t r = 0; r < n; ++r) {
+        const double *K = grams + block[r] * width * width, *U = evecs + r * m * m;
+        const int64_t *P = slots + r * m;
+        double *A = coef + r * m * d, *S = inner + r * width * d;
+        tangent_scales(d, evals + r * m, scale);
+        for (int l = 0; l < d; ++l) {
+            double mean = 0.0;
+            for (int a = 0; a < m; ++a) mean += U[a * m + l];
+            mean /= m;
+            for (int a = 0; a < m; ++a) A[a * d + l] = (U[a * m + l] - mean) * scale[l];
+            has[r * d + l] = scale[l] > 0.0 ? 1.0 : 0.0;
+        }
+        memset(S, 0, sizeof(double) * width * d);
+        for (int a = 0; a < m; ++a) {
+            const double *row = K + P[a] * width; /* K[P_a, :] = K[:, P_a] */
+            for (int w = 0; w < width; ++w)
+                for (int l = 0; l < d; ++l) S[w * d + l] += row[w] * A[a * d + l];
+        }
+    }
+}
+
+/* Adds to grad_grams (B, width, width) the gradient of <grad_coef, A> + <grad_inner, S> through
+ * S = K[:, P] A, A = H U[:, :d] diag(s(lambda)) and the eigen-decomposition of C = H K[P, P] H, whose
+ * backward is curvature._linalg._SymmetricEigh's: dC = V (F o V^T dV + diag(d lambda)) V^T,
+ * symmetrised, F_ij = 1 / (lambda_j - lambda_i) with gaps clamped at 100 eps max|lambda|. */
+void curvlt_patch_backward(int64_t n, int m, int d, int64_t width, const double *grams, const int64_t *block,
+                           const int64_t *slots, const double *evals, const double *evecs, const double *coef,
+                           const double *grad_coef, const double *grad_inner, double *grad_grams) {
+    const double eps = 2.220446049250313e-16;
+    double scale[MAX_DIM], dA[MAX_DIM * MAX_DIM], dlam[MAX_DIM], inner[MAX_DIM * MAX_DIM], half[MAX_DIM * MAX_DIM];
+    double dC[MAX_DIM * MAX_DIM], mean[MAX_DIM];
+    for (int64_t r = 0; r < n; ++r) {
+        const double *K = grams + block[r] * width * width, *U = evecs + r * m * m, *lam = evals + r * m;
+        const double *A = coef + r * m * d, *dS = grad_inner + r * width * d;
+        const int64_t *P = slots + r * m;
+        double *dK = grad_grams + block[r] * width * width;
+        /* S = K[P, :]^T A: dA = grad_coef + K[P, :] dS, dK[P_a, w] += sum_l A[a, l] dS[w, l]. */
+        for (int a = 0; a < m; ++a) {
+            const double *row = K + P[a] * width;
+            double *grow = dK + P[a] * width;
+            for (int l = 0; l < d; ++l) dA[a * d + l] = grad_coef[r * m * d + a * d + l];
+            for (int w = 0; w < width; ++w) {
+                double sum = 0.0;
+                for (int l = 0; l < d; ++l) {
+                    dA[a * d + l] += row[w] * dS[w * d + l];
+                    sum += A[a * d + l] * dS[w * d + l];
                 }
-            double *out_l = lam + (first + lane) * d, *out_v = vecs + (first + lane) * d * d;
-            for (int i = 0; i < d; ++i) {
-                out_l[i] = wl[order[i] * LANES + lane];
-                for (int r = 0; r < d; ++r) out_v[r * d + i] = wv[(r * d + order[i]) * LANES + lane];
+                grow[w] += sum;
             }
         }
+        /* A = H B, B = U[:, :d] diag(s): dB = H dA; dU = dB diag(s); ds_l = sum_a dB[a, l] U[a, l]. */
+        tangent_scales(d, lam, scale);
+        for (int i = 0; i < m * m; ++i) inner[i] = 0.0;
+        for (int l = 0; l < m; ++l) dlam[l] = 0.0;
+        for (int l = 0; l < d; ++l) {
+            double column_mean = 0.0, ds = 0.0;
+            for (int a = 0; a < m; ++a) column_mean += dA[a * d + l];
+            column_mean /= m;
+            for (int a = 0; a < m; ++a) {
+                double dB = dA[a * d + l] - column_mean;
+                ds += dB * U[a * m + l];
+                dA[a * d + l] = dB * scale[l]; /* now dU[:, l] */
+            }
+            if (scale[l] > 0.0) dlam[l] = -0.5 * ds * scale[l] * scale[l] * scale[l];
+        }
+        /* inner = F o (U^T dU) with diag d lambda (dU is zero beyond column d). */
+        double magnitude = 0.0;
+        for (int l = 0; l < m; ++l) magnitude = fmax(magnitude, fabs(lam[l]));
+        if (!(magnitude > 0.0)) continue; /* a patch of identical points: nothing to move */
+        double gap_floor = 100.0 * eps * magnitude;
+        for (int i = 0; i < m; ++i) {
+            for (int j = 0; j < m; ++j) {
+                if (i == j) {
+                    inner[i * m + j] = dlam[i];
+                    continue;
+                }
+                if (j >= d) continue;
+                double dot = 0.0;
+                for (int a = 0; a < m; ++a) dot += U[a * m + i] * dA[a * d + j];
+                double gap = lam[j] - lam[i];
+                if (fabs(gap) < gap_floor) gap = gap >= 0.0 ? gap_floor : -gap_floor;
+                inner[i * m + j] = dot / gap;
+            }
+        }
+        /* dC = sym(U inner U^T). */
+        for (int a = 0; a < m; ++a)
+            for (int j = 0; j < m; ++j) {
+                double sum = 0.0;
+                for (int i = 0; i < m; ++i) sum += U[a * m + i] * inner[i * m + j];
+                half[a * m + j] = sum;
+            }
+        for (int a = 0; a < m; ++a)
+            for (int b = a; b < m; ++b) {
+                double sum = 0.0;
+                for (int j = 0; j < m; ++j) sum += half[a * m + j] * U[b * m + j];
+                double sum_t = 0.0;
+                for (int j = 0; j < m; ++j) sum_t += half[b * m + j] * U[a * m + j];
+                dC[a * m + b] = dC[b * m + a] = 0.5 * (sum + sum_t);
+            }
+        /* C = H K[P, P] H: dK[P_a, P_b] += (H dC H)[a, b]. */
+        double total = 0.0;
+        for (int a = 0; a < m; ++a) {
+            double sum = 0.0;
+            for (int b = 0; b < m; ++b) sum += dC[a * m + b];
+            mean[a] = sum / m;
+            total += sum;
+        }
+        total /= (double)m * m;
+        for (int a = 0; a < m; ++a)
+            for (int b = 0; b < m; ++b) dK[P[a] * width + P[b]] += dC[a * m + b] - mean[a] - mean[b] + total;
     }
 }

@@ -36,6 +36,9 @@ _FUNCTIONS = {
                            + [ctypes.c_double] + [ctypes.c_void_p] * 2,
     "curvlt_pair_backward": [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 9,
     "curvlt_eigh": [ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 3,
+    "curvlt_patch_spectra": [ctypes.c_int64, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 5,
+    "curvlt_patch_forward": [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 8,
+    "curvlt_patch_backward": [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 9,
 }
 
 #: Whether the CPU work goes to the compiled kernels; ``CURVLT_NATIVE=0`` turns them off (benchmarks
@@ -122,6 +125,28 @@ def eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.to(matrices.dtype), evecs.to(matrices.dtype)
 
 
+def patch_spectra(grams: torch.Tensor, blocks: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Descending eigenvalues (n, m) and eigenvectors (n, m, m) of each patch's centred Gram matrix
+    ``H K[P_i, P_i] H``, read from ``grams`` (B, W, W) float64 at cloud ``blocks[i]`` and slots
+    ``patches[i]`` (n, m). Not differentiable: :func:`patch_coefficients` carries the gradient."""
+    grams, blocks, patches = grams.detach().contiguous(), blocks.long().contiguous(), patches.long().contiguous()
+    n, m = patches.shape
+    evals = torch.empty(n, m, dtype=torch.float64)
+    evecs = torch.empty(n, m, m, dtype=torch.float64)
+    library().curvlt_patch_spectra(n, m, grams.shape[1], *map(_pointer, (grams, blocks, patches, evals, evecs)))
+    return evals, evecs
+
+
+def patch_coefficients(grams: torch.Tensor, blocks: torch.Tensor, patches: torch.Tensor, evals: torch.Tensor,
+                       evecs: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :func:`curvature.gram_rotation.pair_operands` computes from the patches: the
+    coefficients ``A_i`` (n, m, d), the inner products ``S_i`` (n, W, d) and which directions have
+    variance (n, d, bool), differentiable with respect to ``grams`` through the eigen-decomposition
+    (``evals``, ``evecs`` from :func:`patch_spectra` of the same ``grams``)."""
+    coefficients, inner, has_direction = _PatchCoefficients.apply(grams, blocks, patches, evals, evecs, dim)
+    return coefficients, inner, has_direction > 0
+
+
 def _pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
 
@@ -152,6 +177,37 @@ class _PairAngles(torch.autograd.Function):
         operands = (coefficients, inner, slots, own, other, saved, grad_theta, grad_coefficients, grad_inner)
         library().curvlt_pair_backward(own.numel(), *_shape(coefficients, inner), *map(_pointer, operands))
         return grad_coefficients, grad_inner, None, None, None, None, None
+
+
+class _PatchCoefficients(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grams: torch.Tensor, blocks: torch.Tensor, patches: torch.Tensor,  # type: ignore[override]
+                evals: torch.Tensor, evecs: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        operands = (grams.detach().contiguous(), blocks.long().contiguous(), patches.long().contiguous(),
+                    evals.contiguous(), evecs.contiguous())
+        n, m = patches.shape
+        coefficients = torch.empty(n, m, dim, dtype=torch.float64)
+        inner = torch.empty(n, grams.shape[1], dim, dtype=torch.float64)
+        has_direction = torch.empty(n, dim, dtype=torch.float64)
+        library().curvlt_patch_forward(n, m, dim, grams.shape[1], *map(_pointer, (*operands, coefficients, inner,
+                                                                                  has_direction)))
+        ctx.save_for_backward(*operands, coefficients)
+        ctx.mark_non_differentiable(has_direction)
+        return coefficients, inner, has_direction
+
+    @staticmethod
+    def backward(ctx, grad_coefficients: torch.Tensor | None, grad_inner: torch.Tensor | None,  # type: ignore[override]
+                 _: torch.Tensor | None):
+        grams, blocks, patches, evals, evecs, coefficients = ctx.saved_tensors
+        n, m, dim = coefficients.shape
+        grad_coefficients = (torch.zeros_like(coefficients) if grad_coefficients is None
+                             else grad_coefficients.double().contiguous())
+        grad_inner = (torch.zeros(n, grams.shape[1], dim, dtype=torch.float64) if grad_inner is None
+                      else grad_inner.double().contiguous())
+        grad_grams = torch.zeros_like(grams)
+        operands = (grams, blocks, patches, evals, evecs, coefficients, grad_coefficients, grad_inner, grad_grams)
+        library().curvlt_patch_backward(n, m, dim, grams.shape[1], *map(_pointer, operands))
+        return grad_grams, None, None, None, None, None
 
 
 def _shape(coefficients: torch.Tensor, inner: torch.Tensor) -> tuple[int, int, int]:

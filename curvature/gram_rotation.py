@@ -76,16 +76,24 @@ def neighbours_from_grams(grams: torch.Tensor, valid: torch.Tensor, k: int) -> t
 class GramPatches:
     """Every measured point's patch ``P_i = {i} ∪ N(i)`` in Gram form, eigen-decomposed."""
 
-    rows: torch.Tensor  # (n, m, W) K[P_i, :], float64: the patch's inner products with its whole cloud
+    rows: torch.Tensor | None  # (n, m, W) K[P_i, :], float64: the patch's inner products with its whole cloud
     patches: torch.Tensor  # (n, m) slots of P_i in the point's cloud
     evals: torch.Tensor  # (n, m) eigenvalues of the centred patch Gram matrix, descending
     evecs: torch.Tensor  # (n, m, m) its eigenvectors, columns in the same order
+    # Compiled form (:mod:`curvature._native`, CPU): ``rows`` is None, and ``evals`` / ``evecs``
+    # carry no gradient; the kernels read the Gram matrices (B, W, W) and each point's cloud (n,).
+    grams: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None
 
 
 def gram_patches(grams: torch.Tensor, members: torch.Tensor, indices: torch.Tensor) -> GramPatches:
     """The patch stage: ``grams`` (B, W, W) from :func:`cloud_grams` of B clouds padded to W slots;
     ``members`` (n,): the flat slot (``cloud * W + slot``) of each measured point; ``indices``
-    (n, k): each point's neighbours as rows of ``members``, all in the point's own cloud."""
+    (n, k): each point's neighbours as rows of ``members``, all in the point's own cloud. On the
+    CPU the compiled kernels (:mod:`curvature._native`) do this stage where they can be built."""
+    if _native.available(grams.device, indices.shape[1] + 1):
+        blocks, patches = patch_slots(grams.shape[1], members, indices)
+        return GramPatches(None, patches, *_native.patch_spectra(grams, blocks, patches), grams, blocks)
     rows, patches, centred = patch_grams(grams, members, indices)
     return GramPatches(rows, patches, *descending(*symmetric_eigh(centred)))
 
@@ -96,11 +104,17 @@ def patch_grams(grams: torch.Tensor, members: torch.Tensor,
     the patches' slots (n, m) and their centred Gram matrices ``H K[P_i, P_i] H`` (n, m, m)."""
     num_clouds, width = grams.shape[0], grams.shape[1]
     n, m = indices.shape[0], indices.shape[1] + 1
-    block, slot = members // width, members % width
-    patches = torch.cat([slot[:, None], slot[indices]], dim=1)  # (n, m) slots of {i} ∪ N(i)
+    block, patches = patch_slots(width, members, indices)
     rows = grams.reshape(num_clouds * width, width).index_select(0, (block[:, None] * width + patches).flatten())
     rows = rows.reshape(n, m, width)  # K[P_i, :]
     return rows, patches, _centre(rows.gather(2, patches[:, None, :].expand(n, m, m)))
+
+
+def patch_slots(width: int, members: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each measured point's cloud (n,) and the slots of its patch ``{i} ∪ N(i)`` in that cloud (n, m),
+    for clouds padded to ``width`` slots (``members``, ``indices`` as for :func:`gram_patches`)."""
+    slot = members % width
+    return members // width, torch.cat([slot[:, None], slot[indices]], dim=1)
 
 
 def descending(evals: torch.Tensor, evecs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,9 +153,13 @@ def pair_operands(patches: GramPatches, indices: torch.Tensor, dim: int, distinc
     directions once (``which`` maps back); otherwise every directed edge in order (``which`` is
     ``None``), twice the pairs but shapes fixed by the inputs', as CUDA graphs need."""
     n, k = indices.shape
-    scales, has_direction = tangent_scales(patches.evals, dim)  # Λ^{-1/2} where defined, else 0
-    coefficients = _centre_columns(patches.evecs[..., :dim] * scales[:, None, :])  # A_i (n, m, d)
-    inner = (coefficients.mT @ patches.rows).mT  # (n, W, d)
+    if patches.rows is None:  # compiled form
+        coefficients, inner, has_direction = _native.patch_coefficients(patches.grams, patches.blocks, patches.patches,
+                                                                        patches.evals, patches.evecs, dim)
+    else:
+        scales, has_direction = tangent_scales(patches.evals, dim)  # Λ^{-1/2} where defined, else 0
+        coefficients = _centre_columns(patches.evecs[..., :dim] * scales[:, None, :])  # A_i (n, m, d)
+        inner = (coefficients.mT @ patches.rows).mT  # (n, W, d)
     if distinct:
         own, other, which = _undirected_edges(indices, has_direction.all(dim=1))
     else:

@@ -1,5 +1,6 @@
 """The compiled CPU kernels (curvature/_native.c): built here, LAPACK's eigen-decompositions, the
-tensor form's pair stage (values and gradients), and the tensor form when they cannot be built."""
+tensor form's patch and pair stages (values and gradients), and the tensor form when they cannot
+be built."""
 
 from __future__ import annotations
 
@@ -68,8 +69,10 @@ def cr_like_clouds(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor
 
 @pytest.mark.parametrize("angle_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("dim", [1, 2, 3, 5])
-def test_pair_stage_equals_the_tensor_form(dim, angle_dtype, rng, monkeypatch):
-    """Same angles and the same gradient with respect to the points as the tensor form: to float32
+def test_patch_and_pair_stages_equal_the_tensor_form(dim, angle_dtype, rng, monkeypatch):
+    """The compiled patch stage (spectra, coefficients and their backward through the
+    eigen-decomposition) and pair stage give the same angles and the same gradient with respect to
+    the points as the tensor form: to float32
     precision where the tensor form solves its pair eigen-problems in float32, and in float64 up to
     the ~sqrt(eps) (1.5e-8 rad) to which both resolve angles near 0 (the repeated points' patches)."""
     batch, members, indices = cr_like_clouds(rng)
@@ -94,8 +97,13 @@ def test_pair_stage_equals_the_tensor_form(dim, angle_dtype, rng, monkeypatch):
 def test_without_a_compiler_warns_once_and_runs_the_tensor_form(rng, monkeypatch, tmp_path):
     batch, members, indices = cr_like_clouds(rng)
     valid = torch.zeros(batch.shape[:2], dtype=torch.bool).flatten().index_fill(0, members, True).reshape(2, -1)
-    patches = gram_patches(cloud_grams(batch, valid), members, indices)
-    expected = gram_angles(patches, indices, 3)
+
+    def angles() -> torch.Tensor:
+        return gram_angles(gram_patches(cloud_grams(batch, valid), members, indices), indices, 3)
+
+    monkeypatch.setattr(_native, "enabled", False)
+    expected = angles()
+    monkeypatch.setattr(_native, "enabled", True)
     monkeypatch.setattr(_native, "_library", None)
     monkeypatch.setattr(_native, "_failure", None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
@@ -103,7 +111,7 @@ def test_without_a_compiler_warns_once_and_runs_the_tensor_form(rng, monkeypatch
     with pytest.warns(UserWarning, match="cannot be built here"):
         assert _native.library() is None
     assert "no-such-compiler" in _native._failure
-    torch.testing.assert_close(gram_angles(patches, indices, 3), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(angles(), expected, rtol=0, atol=0)
     assert not _native.available(torch.device("cpu"), 3)
 
 
