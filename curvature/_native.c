@@ -160,7 +160,7 @@ static void block_spectra(int64_t first, int64_t edges, int d, int m, int64_t wi
 /* theta (E,) of the edges (own[e], other[e]). coef (n, m, d), inner (n, width, d), slots (n, m),
  * has (n, d) of 0/1, all contiguous. With `saved` (E, 2 d^2 + d) not NULL, also keeps for the
  * backward pass each edge's M, the eigenvectors V of G and d theta / d lambda. */
-void curvlt_pair_forward(int64_t edges, int d, int m, int64_t width, const double *coef, const double *inner,
+VECTOR_CLONES void curvlt_pair_forward(int64_t edges, int d, int m, int64_t width, const double *coef, const double *inner,
                          const int64_t *slots, const double *has, const int64_t *own, const int64_t *other,
                          double eps, double *theta, double *saved) {
     double M[MAX_DIM * MAX_DIM * LANES], V[MAX_DIM * MAX_DIM * LANES], lam[MAX_DIM * LANES];
@@ -184,7 +184,7 @@ void curvlt_pair_forward(int64_t edges, int d, int m, int64_t width, const doubl
 
 /* Adds the gradients of sum_e grad_theta[e] * theta[e] to grad_coef (n, m, d) and grad_inner
  * (n, width, d), from what curvlt_pair_forward kept in `saved`. */
-void curvlt_pair_backward(int64_t edges, int d, int m, int64_t width, const double *coef, const double *inner,
+VECTOR_CLONES void curvlt_pair_backward(int64_t edges, int d, int m, int64_t width, const double *coef, const double *inner,
                           const int64_t *slots, const int64_t *own, const int64_t *other, const double *saved,
                           const double *grad_theta, double *grad_coef, double *grad_inner) {
     double dG[MAX_DIM * MAX_DIM], dM[MAX_DIM * MAX_DIM], dlam[MAX_DIM];
@@ -304,7 +304,7 @@ static void tangent_scales(int d, const double *lam, double *scale) {
 }
 
 /* A (n, m, d), S (n, width, d) and has (n, d) (1 where the direction has variance) of every patch. */
-void curvlt_patch_forward(int64_t n, int m, int d, int64_t width, const double *grams, const int64_t *block,
+VECTOR_CLONES void curvlt_patch_forward(int64_t n, int m, int d, int64_t width, const double *grams, const int64_t *block,
                           const int64_t *slots, const double *evals, const double *evecs, double *coef,
                           double *inner, double *has) {
     double scale[MAX_DIM];
@@ -333,7 +333,7 @@ void curvlt_patch_forward(int64_t n, int m, int d, int64_t width, const double *
  * S = K[:, P] A, A = H U[:, :d] diag(s(lambda)) and the eigen-decomposition of C = H K[P, P] H, whose
  * backward is curvature._linalg._SymmetricEigh's: dC = V (F o V^T dV + diag(d lambda)) V^T,
  * symmetrised, F_ij = 1 / (lambda_j - lambda_i) with gaps clamped at 100 eps max|lambda|. */
-void curvlt_patch_backward(int64_t n, int m, int d, int64_t width, const double *grams, const int64_t *block,
+VECTOR_CLONES void curvlt_patch_backward(int64_t n, int m, int d, int64_t width, const double *grams, const int64_t *block,
                            const int64_t *slots, const double *evals, const double *evecs, const double *coef,
                            const double *grad_coef, const double *grad_inner, double *grad_grams) {
     const double eps = 2.220446049250313e-16;
@@ -360,7 +360,6 @@ void curvlt_patch_backward(int64_t n, int m, int d, int64_t width, const double 
         }
         /* A = H B, B = U[:, :d] diag(s): dB = H dA; dU = dB diag(s); ds_l = sum_a dB[a, l] U[a, l]. */
         tangent_scales(d, lam, scale);
-        for (int i = 0; i < m * m; ++i) inner[i] = 0.0;
         for (int l = 0; l < m; ++l) dlam[l] = 0.0;
         for (int l = 0; l < d; ++l) {
             double column_mean = 0.0, ds = 0.0;
@@ -373,39 +372,37 @@ void curvlt_patch_backward(int64_t n, int m, int d, int64_t width, const double 
             }
             if (scale[l] > 0.0) dlam[l] = -0.5 * ds * scale[l] * scale[l] * scale[l];
         }
-        /* inner = F o (U^T dU) with diag d lambda (dU is zero beyond column d). */
+        /* inner = F o (U^T dU) + diag(d lambda): only its first d columns are not zero (dU and
+         * d lambda are zero beyond d), so U inner U^T = (U inner[:, :d]) U[:, :d]^T. */
         double magnitude = 0.0;
         for (int l = 0; l < m; ++l) magnitude = fmax(magnitude, fabs(lam[l]));
         if (!(magnitude > 0.0)) continue; /* a patch of identical points: nothing to move */
         double gap_floor = 100.0 * eps * magnitude;
         for (int i = 0; i < m; ++i) {
-            for (int j = 0; j < m; ++j) {
+            for (int j = 0; j < d; ++j) {
                 if (i == j) {
-                    inner[i * m + j] = dlam[i];
+                    inner[i * d + j] = dlam[i];
                     continue;
                 }
-                if (j >= d) continue;
                 double dot = 0.0;
                 for (int a = 0; a < m; ++a) dot += U[a * m + i] * dA[a * d + j];
                 double gap = lam[j] - lam[i];
                 if (fabs(gap) < gap_floor) gap = gap >= 0.0 ? gap_floor : -gap_floor;
-                inner[i * m + j] = dot / gap;
+                inner[i * d + j] = dot / gap;
             }
         }
-        /* dC = sym(U inner U^T). */
+        /* dC = sym(half U[:, :d]^T), half = U inner[:, :d] (m x d). */
         for (int a = 0; a < m; ++a)
-            for (int j = 0; j < m; ++j) {
+            for (int j = 0; j < d; ++j) {
                 double sum = 0.0;
-                for (int i = 0; i < m; ++i) sum += U[a * m + i] * inner[i * m + j];
-                half[a * m + j] = sum;
+                for (int i = 0; i < m; ++i) sum += U[a * m + i] * inner[i * d + j];
+                half[a * d + j] = sum;
             }
         for (int a = 0; a < m; ++a)
             for (int b = a; b < m; ++b) {
                 double sum = 0.0;
-                for (int j = 0; j < m; ++j) sum += half[a * m + j] * U[b * m + j];
-                double sum_t = 0.0;
-                for (int j = 0; j < m; ++j) sum_t += half[b * m + j] * U[a * m + j];
-                dC[a * m + b] = dC[b * m + a] = 0.5 * (sum + sum_t);
+                for (int j = 0; j < d; ++j) sum += half[a * d + j] * U[b * m + j] + half[b * d + j] * U[a * m + j];
+                dC[a * m + b] = dC[b * m + a] = 0.5 * sum;
             }
         /* C = H K[P, P] H: dK[P_a, P_b] += (H dC H)[a, b]. */
         double total = 0.0;
