@@ -417,3 +417,28 @@ VECTOR_CLONES void curvlt_patch_backward(int64_t n, int m, int d, int64_t width,
             for (int b = 0; b < m; ++b) dK[P[a] * width + P[b]] += dC[a * m + b] - mean[a] - mean[b] + total;
     }
 }
+
+/* Each neighbour pair once, as curvature.gram_rotation._undirected_edges gives them (in another
+ * order): the edge (i, j) of indices (n, k) is the pair of (j, i) when both points have all their
+ * directions (`symmetric`) and j lists i. Fills own / other of the distinct edges (at most n k) and
+ * which (n k), the distinct edge of each directed one; returns how many are distinct. */
+int64_t curvlt_undirected_edges(int64_t n, int k, const int64_t *indices, const uint8_t *symmetric, int64_t *own,
+                                int64_t *other, int64_t *which) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        for (int a = 0; a < k; ++a) {
+            int64_t edge = i * k + a, j = indices[edge], twin = -1;
+            if (j < i && symmetric[i] && symmetric[j])
+                for (int b = 0; b < k && twin < 0; ++b)
+                    if (indices[j * k + b] == i) twin = j * k + b;
+            if (twin >= 0) {
+                which[edge] = which[twin];
+            } else {
+                own[count] = i;
+                other[count] = j;
+                which[edge] = count++;
+            }
+        }
+    }
+    return count;
+}

@@ -39,6 +39,7 @@ _FUNCTIONS = {
     "curvlt_patch_spectra": [ctypes.c_int64, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 5,
     "curvlt_patch_forward": [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 8,
     "curvlt_patch_backward": [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 9,
+    "curvlt_undirected_edges": [ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 5,
 }
 
 #: Whether the CPU work goes to the compiled kernels; ``CURVLT_NATIVE=0`` turns them off (benchmarks
@@ -77,6 +78,7 @@ def _build() -> ctypes.CDLL:
         getattr(library, name).argtypes = arguments
         getattr(library, name).restype = None
     library.curvlt_max_dim.restype = ctypes.c_int
+    library.curvlt_undirected_edges.restype = ctypes.c_int64
     return library
 
 
@@ -145,6 +147,16 @@ def patch_coefficients(grams: torch.Tensor, blocks: torch.Tensor, patches: torch
     (``evals``, ``evecs`` from :func:`patch_spectra` of the same ``grams``)."""
     coefficients, inner, has_direction = _PatchCoefficients.apply(grams, blocks, patches, evals, evecs, dim)
     return coefficients, inner, has_direction > 0
+
+
+def undirected_edges(indices: torch.Tensor, symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`curvature.gram_rotation._undirected_edges` (the same pairs, in order of first
+    appearance), by one pass that looks each reverse edge up in the other point's k neighbours."""
+    indices, symmetric = indices.long().contiguous(), symmetric.to(torch.uint8).contiguous()
+    n, k = indices.shape
+    own, other, which = (torch.empty(n * k, dtype=torch.long) for _ in range(3))
+    count = library().curvlt_undirected_edges(n, k, *map(_pointer, (indices, symmetric, own, other, which)))
+    return own[:count], other[:count], which
 
 
 def _pointer(tensor: torch.Tensor) -> ctypes.c_void_p:

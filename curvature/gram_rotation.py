@@ -161,7 +161,8 @@ def pair_operands(patches: GramPatches, indices: torch.Tensor, dim: int, distinc
         coefficients = _centre_columns(patches.evecs[..., :dim] * scales[:, None, :])  # A_i (n, m, d)
         inner = (coefficients.mT @ patches.rows).mT  # (n, W, d)
     if distinct:
-        own, other, which = _undirected_edges(indices, has_direction.all(dim=1))
+        edges = _native.undirected_edges if _native.available(indices.device, 1) else _undirected_edges
+        own, other, which = edges(indices, has_direction.all(dim=1))
     else:
         own, other, which = torch.arange(n * k, device=indices.device) // k, indices.flatten(), None
     return PairOperands(coefficients, inner, has_direction, own, other, which)

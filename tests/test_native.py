@@ -128,3 +128,21 @@ def test_processes_building_at_once_each_load_a_whole_library(tmp_path):
     switched_off = subprocess.run([sys.executable, "-c", script], env={**environment, "CURVLT_NATIVE": "0"},
                                   capture_output=True, text=True, timeout=120)
     assert switched_off.stdout.strip() == "False"
+
+
+def test_undirected_edges_are_the_tensor_forms_pairs(rng):
+    """Same pairs as ``_undirected_edges`` (in another order): each directed edge maps to the pair of
+    the same two points, and a pair with a point that lacks directions keeps its own orientation."""
+    from curvature.gram_rotation import _undirected_edges
+
+    points = torch.tensor(rng.normal(size=(80, 3)))
+    indices = knn_indices(points, 6, "torch")
+    symmetric = torch.tensor(rng.random(80) > 0.2)
+    own, other, which = _native.undirected_edges(indices, symmetric)
+    expected_own, expected_other, expected_which = _undirected_edges(indices, symmetric)
+    assert own.numel() == expected_own.numel() < indices.numel()
+    pairs = torch.stack([own[which], other[which]], dim=1)
+    expected = torch.stack([expected_own[expected_which], expected_other[expected_which]], dim=1)
+    both = (symmetric[pairs[:, 0]] & symmetric[pairs[:, 1]])
+    assert torch.equal(pairs[~both], expected[~both])
+    assert torch.equal(pairs[both].sort(dim=1).values, expected[both].sort(dim=1).values)
