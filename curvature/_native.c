@@ -20,7 +20,21 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* Loops over independent blocks run on OpenMP threads when the library is built with -fopenmp.
+ * Loaded into a process that has imported PyTorch, it binds to PyTorch's own libgomp (same
+ * SONAME), so it uses the thread team and the thread count (torch.set_num_threads) of PyTorch's
+ * operators. Built without OpenMP, the same loops run serially. */
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_ID omp_get_thread_num()
+#define MAX_THREADS omp_get_max_threads()
+#else
+#define THREAD_ID 0
+#define MAX_THREADS 1
+#endif
 
 #define MAX_DIM 32
 #define MAX_SWEEPS 50
@@ -163,10 +177,11 @@ static void block_spectra(int64_t first, int64_t edges, int d, int m, int64_t wi
 VECTOR_CLONES void curvlt_pair_forward(int64_t edges, int d, int m, int64_t width, const double *coef, const double *inner,
                          const int64_t *slots, const double *has, const int64_t *own, const int64_t *other,
                          double eps, double *theta, double *saved) {
-    double M[MAX_DIM * MAX_DIM * LANES], V[MAX_DIM * MAX_DIM * LANES], lam[MAX_DIM * LANES];
-    double slope[MAX_DIM];
     int64_t stride = 2 * d * d + d;
+#pragma omp parallel for schedule(static) if (edges > 4 * LANES)
     for (int64_t first = 0; first < edges; first += LANES) {
+        double M[MAX_DIM * MAX_DIM * LANES], V[MAX_DIM * MAX_DIM * LANES], lam[MAX_DIM * LANES];
+        double slope[MAX_DIM];
         block_spectra(first, edges, d, m, width, coef, inner, slots, has, own, other, M, lam, saved ? V : NULL);
         for (int lane = 0; lane < LANES && first + lane < edges; ++lane) {
             double total = 0.0;
@@ -182,50 +197,88 @@ VECTOR_CLONES void curvlt_pair_forward(int64_t edges, int d, int m, int64_t widt
     }
 }
 
-/* Adds the gradients of sum_e grad_theta[e] * theta[e] to grad_coef (n, m, d) and grad_inner
- * (n, width, d), from what curvlt_pair_forward kept in `saved`. */
-VECTOR_CLONES void curvlt_pair_backward(int64_t edges, int d, int m, int64_t width, const double *coef, const double *inner,
-                          const int64_t *slots, const int64_t *own, const int64_t *other, const double *saved,
-                          const double *grad_theta, double *grad_coef, double *grad_inner) {
+/* Edge e's part of curvlt_pair_backward, added to grad_coef and grad_inner. */
+static void pair_edge_backward(int64_t e, int d, int m, int64_t width, const double *coef, const double *inner,
+                               const int64_t *slots, const int64_t *own, const int64_t *other, const double *saved,
+                               const double *grad_theta, double *grad_coef, double *grad_inner) {
     double dG[MAX_DIM * MAX_DIM], dM[MAX_DIM * MAX_DIM], dlam[MAX_DIM];
-    int64_t stride = 2 * d * d + d;
-    for (int64_t e = 0; e < edges; ++e) {
-        const double *M = saved + e * stride, *V = M + d * d, *dtheta = V + d * d;
-        int any = 0;
-        for (int l = 0; l < d; ++l) any |= (dlam[l] = grad_theta[e] * dtheta[l]) != 0.0;
-        if (!any) continue;
-        /* dG = V diag(dlam) V^T; dM = -2 dG M. */
-        for (int r = 0; r < d; ++r) {
-            for (int c = r; c < d; ++c) {
-                double sum = 0.0;
-                for (int l = 0; l < d; ++l) sum += V[r * d + l] * dlam[l] * V[c * d + l];
-                dG[r * d + c] = dG[c * d + r] = sum;
-            }
-        }
-        for (int r = 0; r < d; ++r) {
-            for (int c = 0; c < d; ++c) {
-                double sum = 0.0;
-                for (int t = 0; t < d; ++t) sum += dG[r * d + t] * M[t * d + c];
-                dM[r * d + c] = -2.0 * sum;
-            }
-        }
-        int64_t i = own[e], j = other[e];
-        const double *coef_j = coef + j * m * d, *inner_i = inner + i * width * d;
-        const int64_t *slots_j = slots + j * m;
-        double *gcoef_j = grad_coef + j * m * d, *ginner_i = grad_inner + i * width * d;
-        for (int a = 0; a < m; ++a) {
-            const double *row = inner_i + slots_j[a] * d, *cj = coef_j + a * d;
-            double *grow = ginner_i + slots_j[a] * d, *gcj = gcoef_j + a * d;
-            for (int l1 = 0; l1 < d; ++l1) {
-                double sum = 0.0;
-                for (int l2 = 0; l2 < d; ++l2) {
-                    sum += dM[l1 * d + l2] * row[l2];
-                    grow[l2] += cj[l1] * dM[l1 * d + l2];
-                }
-                gcj[l1] += sum;
-            }
+    const double *M = saved + e * (2 * d * d + d), *V = M + d * d, *dtheta = V + d * d;
+    int any = 0;
+    for (int l = 0; l < d; ++l) any |= (dlam[l] = grad_theta[e] * dtheta[l]) != 0.0;
+    if (!any) return;
+    /* dG = V diag(dlam) V^T; dM = -2 dG M. */
+    for (int r = 0; r < d; ++r) {
+        for (int c = r; c < d; ++c) {
+            double sum = 0.0;
+            for (int l = 0; l < d; ++l) sum += V[r * d + l] * dlam[l] * V[c * d + l];
+            dG[r * d + c] = dG[c * d + r] = sum;
         }
     }
+    for (int r = 0; r < d; ++r) {
+        for (int c = 0; c < d; ++c) {
+            double sum = 0.0;
+            for (int t = 0; t < d; ++t) sum += dG[r * d + t] * M[t * d + c];
+            dM[r * d + c] = -2.0 * sum;
+        }
+    }
+    int64_t i = own[e], j = other[e];
+    const double *coef_j = coef + j * m * d, *inner_i = inner + i * width * d;
+    const int64_t *slots_j = slots + j * m;
+    double *gcoef_j = grad_coef + j * m * d, *ginner_i = grad_inner + i * width * d;
+    for (int a = 0; a < m; ++a) {
+        const double *row = inner_i + slots_j[a] * d, *cj = coef_j + a * d;
+        double *grow = ginner_i + slots_j[a] * d, *gcj = gcoef_j + a * d;
+        for (int l1 = 0; l1 < d; ++l1) {
+            double sum = 0.0;
+            for (int l2 = 0; l2 < d; ++l2) {
+                sum += dM[l1 * d + l2] * row[l2];
+                grow[l2] += cj[l1] * dM[l1 * d + l2];
+            }
+            gcj[l1] += sum;
+        }
+    }
+}
+
+/* Zeroed accumulators of `size` doubles for threads 1 .. threads - 1 (thread 0 adds into the
+ * output), or NULL, with *threads set to 1, for one thread or when memory is short. */
+static double *thread_buffers(int *threads, int64_t size) {
+    double *extra = *threads > 1 ? calloc((size_t)(*threads - 1) * (size_t)size, sizeof(double)) : NULL;
+    if (!extra) *threads = 1;
+    return extra;
+}
+
+/* Adds elements offset .. offset + count - 1 of each thread's accumulator (`size` doubles each in
+ * `extra`) into `out`. */
+static void reduce_buffers(int threads, int64_t size, const double *extra, int64_t offset, int64_t count,
+                           double *out) {
+    for (int t = 1; t < threads; ++t) {
+        const double *part = extra + (t - 1) * size + offset;
+        for (int64_t idx = 0; idx < count; ++idx) out[idx] += part[idx];
+    }
+}
+
+/* Adds the gradients of sum_e grad_theta[e] * theta[e] to grad_coef (n, m, d) and grad_inner
+ * (n, width, d), from what curvlt_pair_forward kept in `saved`. Edges share points, so each thread
+ * adds into its own copy of both, summed at the end. */
+VECTOR_CLONES void curvlt_pair_backward(int64_t edges, int64_t n, int d, int m, int64_t width, const double *coef,
+                                        const double *inner, const int64_t *slots, const int64_t *own,
+                                        const int64_t *other, const double *saved, const double *grad_theta,
+                                        double *grad_coef, double *grad_inner) {
+    int64_t coef_size = n * m * d, size = coef_size + n * width * d;
+    int threads = edges > 4 * LANES ? MAX_THREADS : 1;
+    double *extra = thread_buffers(&threads, size);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t = THREAD_ID;
+        double *gc = t == 0 ? grad_coef : extra + (t - 1) * size, *gi = t == 0 ? grad_inner : gc + coef_size;
+#pragma omp for schedule(static)
+        for (int64_t e = 0; e < edges; ++e)
+            pair_edge_backward(e, d, m, width, coef, inner, slots, own, other, saved, grad_theta, gc, gi);
+    }
+    if (!extra) return;
+    reduce_buffers(threads, size, extra, 0, coef_size, grad_coef);
+    reduce_buffers(threads, size, extra, coef_size, size - coef_size, grad_inner);
+    free(extra);
 }
 
 /* Lane `lane`'s eigenvalues and eigenvectors (columns) of a decomposed block, sorted (ascending, or
@@ -271,9 +324,10 @@ void curvlt_eigh(int64_t n, int d, const double *a, double *lam, double *vecs) {
 /* Descending eigenvalues (n, m) and eigenvectors (n, m, m) of every patch's C. */
 void curvlt_patch_spectra(int64_t n, int m, int64_t width, const double *grams, const int64_t *block,
                           const int64_t *slots, double *evals, double *evecs) {
-    double work[MAX_DIM * MAX_DIM * LANES], wl[MAX_DIM * LANES], wv[MAX_DIM * MAX_DIM * LANES];
-    double mean[MAX_DIM];
+#pragma omp parallel for schedule(static) if (n > 4 * LANES)
     for (int64_t first = 0; first < n; first += LANES) {
+        double work[MAX_DIM * MAX_DIM * LANES], wl[MAX_DIM * LANES], wv[MAX_DIM * MAX_DIM * LANES];
+        double mean[MAX_DIM];
         int lanes = n - first < LANES ? (int)(n - first) : LANES;
         memset(work, 0, sizeof(double) * m * m * LANES);
         for (int lane = 0; lane < lanes; ++lane) {
@@ -307,8 +361,9 @@ static void tangent_scales(int d, const double *lam, double *scale) {
 VECTOR_CLONES void curvlt_patch_forward(int64_t n, int m, int d, int64_t width, const double *grams, const int64_t *block,
                           const int64_t *slots, const double *evals, const double *evecs, double *coef,
                           double *inner, double *has) {
-    double scale[MAX_DIM];
+#pragma omp parallel for schedule(static) if (n > 32)
     for (int64_t r = 0; r < n; ++r) {
+        double scale[MAX_DIM];
         const double *K = grams + block[r] * width * width, *U = evecs + r * m * m;
         const int64_t *P = slots + r * m;
         double *A = coef + r * m * d, *S = inner + r * width * d;
@@ -329,93 +384,113 @@ VECTOR_CLONES void curvlt_patch_forward(int64_t n, int m, int d, int64_t width, 
     }
 }
 
-/* Adds to grad_grams (B, width, width) the gradient of <grad_coef, A> + <grad_inner, S> through
- * S = K[:, P] A, A = H U[:, :d] diag(s(lambda)) and the eigen-decomposition of C = H K[P, P] H, whose
- * backward is curvature._linalg._SymmetricEigh's: dC = V (F o V^T dV + diag(d lambda)) V^T,
- * symmetrised, F_ij = 1 / (lambda_j - lambda_i) with gaps clamped at 100 eps max|lambda|. */
-VECTOR_CLONES void curvlt_patch_backward(int64_t n, int m, int d, int64_t width, const double *grams, const int64_t *block,
-                           const int64_t *slots, const double *evals, const double *evecs, const double *coef,
-                           const double *grad_coef, const double *grad_inner, double *grad_grams) {
+/* Point r's part of curvlt_patch_backward, added to grad_grams. */
+static void patch_point_backward(int64_t r, int m, int d, int64_t width, const double *grams, const int64_t *block,
+                                 const int64_t *slots, const double *evals, const double *evecs, const double *coef,
+                                 const double *grad_coef, const double *grad_inner, double *grad_grams) {
     const double eps = 2.220446049250313e-16;
     double scale[MAX_DIM], dA[MAX_DIM * MAX_DIM], dlam[MAX_DIM], inner[MAX_DIM * MAX_DIM], half[MAX_DIM * MAX_DIM];
     double dC[MAX_DIM * MAX_DIM], mean[MAX_DIM];
-    for (int64_t r = 0; r < n; ++r) {
-        const double *K = grams + block[r] * width * width, *U = evecs + r * m * m, *lam = evals + r * m;
-        const double *A = coef + r * m * d, *dS = grad_inner + r * width * d;
-        const int64_t *P = slots + r * m;
-        double *dK = grad_grams + block[r] * width * width;
-        /* S = K[P, :]^T A: dA = grad_coef + K[P, :] dS, dK[P_a, w] += sum_l A[a, l] dS[w, l]. */
-        for (int a = 0; a < m; ++a) {
-            const double *row = K + P[a] * width;
-            double *grow = dK + P[a] * width;
-            for (int l = 0; l < d; ++l) dA[a * d + l] = grad_coef[r * m * d + a * d + l];
-            for (int w = 0; w < width; ++w) {
-                double sum = 0.0;
-                for (int l = 0; l < d; ++l) {
-                    dA[a * d + l] += row[w] * dS[w * d + l];
-                    sum += A[a * d + l] * dS[w * d + l];
-                }
-                grow[w] += sum;
-            }
-        }
-        /* A = H B, B = U[:, :d] diag(s): dB = H dA; dU = dB diag(s); ds_l = sum_a dB[a, l] U[a, l]. */
-        tangent_scales(d, lam, scale);
-        for (int l = 0; l < m; ++l) dlam[l] = 0.0;
-        for (int l = 0; l < d; ++l) {
-            double column_mean = 0.0, ds = 0.0;
-            for (int a = 0; a < m; ++a) column_mean += dA[a * d + l];
-            column_mean /= m;
-            for (int a = 0; a < m; ++a) {
-                double dB = dA[a * d + l] - column_mean;
-                ds += dB * U[a * m + l];
-                dA[a * d + l] = dB * scale[l]; /* now dU[:, l] */
-            }
-            if (scale[l] > 0.0) dlam[l] = -0.5 * ds * scale[l] * scale[l] * scale[l];
-        }
-        /* inner = F o (U^T dU) + diag(d lambda): only its first d columns are not zero (dU and
-         * d lambda are zero beyond d), so U inner U^T = (U inner[:, :d]) U[:, :d]^T. */
-        double magnitude = 0.0;
-        for (int l = 0; l < m; ++l) magnitude = fmax(magnitude, fabs(lam[l]));
-        if (!(magnitude > 0.0)) continue; /* a patch of identical points: nothing to move */
-        double gap_floor = 100.0 * eps * magnitude;
-        for (int i = 0; i < m; ++i) {
-            for (int j = 0; j < d; ++j) {
-                if (i == j) {
-                    inner[i * d + j] = dlam[i];
-                    continue;
-                }
-                double dot = 0.0;
-                for (int a = 0; a < m; ++a) dot += U[a * m + i] * dA[a * d + j];
-                double gap = lam[j] - lam[i];
-                if (fabs(gap) < gap_floor) gap = gap >= 0.0 ? gap_floor : -gap_floor;
-                inner[i * d + j] = dot / gap;
-            }
-        }
-        /* dC = sym(half U[:, :d]^T), half = U inner[:, :d] (m x d). */
-        for (int a = 0; a < m; ++a)
-            for (int j = 0; j < d; ++j) {
-                double sum = 0.0;
-                for (int i = 0; i < m; ++i) sum += U[a * m + i] * inner[i * d + j];
-                half[a * d + j] = sum;
-            }
-        for (int a = 0; a < m; ++a)
-            for (int b = a; b < m; ++b) {
-                double sum = 0.0;
-                for (int j = 0; j < d; ++j) sum += half[a * d + j] * U[b * m + j] + half[b * d + j] * U[a * m + j];
-                dC[a * m + b] = dC[b * m + a] = 0.5 * sum;
-            }
-        /* C = H K[P, P] H: dK[P_a, P_b] += (H dC H)[a, b]. */
-        double total = 0.0;
-        for (int a = 0; a < m; ++a) {
+    const double *K = grams + block[r] * width * width, *U = evecs + r * m * m, *lam = evals + r * m;
+    const double *A = coef + r * m * d, *dS = grad_inner + r * width * d;
+    const int64_t *P = slots + r * m;
+    double *dK = grad_grams + block[r] * width * width;
+    /* S = K[P, :]^T A: dA = grad_coef + K[P, :] dS, dK[P_a, w] += sum_l A[a, l] dS[w, l]. */
+    for (int a = 0; a < m; ++a) {
+        const double *row = K + P[a] * width;
+        double *grow = dK + P[a] * width;
+        for (int l = 0; l < d; ++l) dA[a * d + l] = grad_coef[r * m * d + a * d + l];
+        for (int w = 0; w < width; ++w) {
             double sum = 0.0;
-            for (int b = 0; b < m; ++b) sum += dC[a * m + b];
-            mean[a] = sum / m;
-            total += sum;
+            for (int l = 0; l < d; ++l) {
+                dA[a * d + l] += row[w] * dS[w * d + l];
+                sum += A[a * d + l] * dS[w * d + l];
+            }
+            grow[w] += sum;
         }
-        total /= (double)m * m;
-        for (int a = 0; a < m; ++a)
-            for (int b = 0; b < m; ++b) dK[P[a] * width + P[b]] += dC[a * m + b] - mean[a] - mean[b] + total;
     }
+    /* A = H B, B = U[:, :d] diag(s): dB = H dA; dU = dB diag(s); ds_l = sum_a dB[a, l] U[a, l]. */
+    tangent_scales(d, lam, scale);
+    for (int l = 0; l < m; ++l) dlam[l] = 0.0;
+    for (int l = 0; l < d; ++l) {
+        double column_mean = 0.0, ds = 0.0;
+        for (int a = 0; a < m; ++a) column_mean += dA[a * d + l];
+        column_mean /= m;
+        for (int a = 0; a < m; ++a) {
+            double dB = dA[a * d + l] - column_mean;
+            ds += dB * U[a * m + l];
+            dA[a * d + l] = dB * scale[l]; /* now dU[:, l] */
+        }
+        if (scale[l] > 0.0) dlam[l] = -0.5 * ds * scale[l] * scale[l] * scale[l];
+    }
+    /* inner = F o (U^T dU) + diag(d lambda): only its first d columns are not zero (dU and
+     * d lambda are zero beyond d), so U inner U^T = (U inner[:, :d]) U[:, :d]^T. */
+    double magnitude = 0.0;
+    for (int l = 0; l < m; ++l) magnitude = fmax(magnitude, fabs(lam[l]));
+    if (!(magnitude > 0.0)) return; /* a patch of identical points: nothing to move */
+    double gap_floor = 100.0 * eps * magnitude;
+    for (int i = 0; i < m; ++i) {
+        for (int j = 0; j < d; ++j) {
+            if (i == j) {
+                inner[i * d + j] = dlam[i];
+                continue;
+            }
+            double dot = 0.0;
+            for (int a = 0; a < m; ++a) dot += U[a * m + i] * dA[a * d + j];
+            double gap = lam[j] - lam[i];
+            if (fabs(gap) < gap_floor) gap = gap >= 0.0 ? gap_floor : -gap_floor;
+            inner[i * d + j] = dot / gap;
+        }
+    }
+    /* dC = sym(half U[:, :d]^T), half = U inner[:, :d] (m x d). */
+    for (int a = 0; a < m; ++a)
+        for (int j = 0; j < d; ++j) {
+            double sum = 0.0;
+            for (int i = 0; i < m; ++i) sum += U[a * m + i] * inner[i * d + j];
+            half[a * d + j] = sum;
+        }
+    for (int a = 0; a < m; ++a)
+        for (int b = a; b < m; ++b) {
+            double sum = 0.0;
+            for (int j = 0; j < d; ++j) sum += half[a * d + j] * U[b * m + j] + half[b * d + j] * U[a * m + j];
+            dC[a * m + b] = dC[b * m + a] = 0.5 * sum;
+        }
+    /* C = H K[P, P] H: dK[P_a, P_b] += (H dC H)[a, b]. */
+    double total = 0.0;
+    for (int a = 0; a < m; ++a) {
+        double sum = 0.0;
+        for (int b = 0; b < m; ++b) sum += dC[a * m + b];
+        mean[a] = sum / m;
+        total += sum;
+    }
+    total /= (double)m * m;
+    for (int a = 0; a < m; ++a)
+        for (int b = 0; b < m; ++b) dK[P[a] * width + P[b]] += dC[a * m + b] - mean[a] - mean[b] + total;
+}
+
+/* Adds to grad_grams (B, width, width) the gradient of <grad_coef, A> + <grad_inner, S> through
+ * S = K[:, P] A, A = H U[:, :d] diag(s(lambda)) and the eigen-decomposition of C = H K[P, P] H, whose
+ * backward is curvature._linalg._SymmetricEigh's: dC = V (F o V^T dV + diag(d lambda)) V^T,
+ * symmetrised, F_ij = 1 / (lambda_j - lambda_i) with gaps clamped at 100 eps max|lambda|. Points
+ * of one cloud add into the same Gram matrix, so each thread adds into its own copy of grad_grams. */
+VECTOR_CLONES void curvlt_patch_backward(int64_t n, int64_t clouds, int m, int d, int64_t width,
+                                         const double *grams, const int64_t *block, const int64_t *slots,
+                                         const double *evals, const double *evecs, const double *coef,
+                                         const double *grad_coef, const double *grad_inner, double *grad_grams) {
+    int64_t size = clouds * width * width;
+    int threads = n > 32 ? MAX_THREADS : 1;
+    double *extra = thread_buffers(&threads, size);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t = THREAD_ID;
+        double *mine = t == 0 ? grad_grams : extra + (t - 1) * size;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; ++r)
+            patch_point_backward(r, m, d, width, grams, block, slots, evals, evecs, coef, grad_coef, grad_inner, mine);
+    }
+    if (!extra) return;
+    reduce_buffers(threads, size, extra, 0, size, grad_grams);
+    free(extra);
 }
 
 /* Each neighbour pair once, as curvature.gram_rotation._undirected_edges gives them (in another

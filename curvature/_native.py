@@ -30,15 +30,19 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("_native.c")
-_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+#: Tried in order: with OpenMP threads, then (a compiler without OpenMP) serial, vectorised loops only.
+_THREADING = (("-fopenmp",), ("-fopenmp-simd", "-Wno-unknown-pragmas"))
 _FUNCTIONS = {
     "curvlt_pair_forward": [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 6
                            + [ctypes.c_double] + [ctypes.c_void_p] * 2,
-    "curvlt_pair_backward": [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 9,
+    "curvlt_pair_backward": [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+                            + [ctypes.c_void_p] * 9,
     "curvlt_eigh": [ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 3,
     "curvlt_patch_spectra": [ctypes.c_int64, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 5,
     "curvlt_patch_forward": [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 8,
-    "curvlt_patch_backward": [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 9,
+    "curvlt_patch_backward": [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+                             + [ctypes.c_void_p] * 9,
     "curvlt_undirected_edges": [ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 5,
 }
 
@@ -54,10 +58,28 @@ def _cache_dir() -> Path:
 
 
 def _build() -> ctypes.CDLL:
-    """Compile (unless already cached) and load the library; raises on any failure."""
+    """Compile (unless already cached) and load the library, with OpenMP where the compiler has
+    it; raises the last failure when no way works."""
     compiler = os.environ.get("CC", "cc")
+    for threading in _THREADING:
+        try:
+            library = ctypes.CDLL(str(_compiled(compiler, (*_FLAGS, *threading))))
+            break
+        except (OSError, RuntimeError):
+            if threading == _THREADING[-1]:
+                raise
+    for name, arguments in _FUNCTIONS.items():
+        getattr(library, name).argtypes = arguments
+        getattr(library, name).restype = None
+    library.curvlt_max_dim.restype = ctypes.c_int
+    library.curvlt_undirected_edges.restype = ctypes.c_int64
+    return library
+
+
+def _compiled(compiler: str, flags: tuple[str, ...]) -> Path:
+    """The shared library built from :data:`_SOURCE` with ``flags``, compiled unless cached."""
     source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     target = _cache_dir() / f"native-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +87,7 @@ def _build() -> ctypes.CDLL:
         handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(handle)
         try:
-            subprocess.run([compiler, *_FLAGS, "-o", partial, str(_SOURCE), "-lm"], check=True,
+            subprocess.run([compiler, *flags, "-o", partial, str(_SOURCE), "-lm"], check=True,
                            capture_output=True, text=True, timeout=120)
             os.replace(partial, target)
         except subprocess.CalledProcessError as error:
@@ -73,13 +95,7 @@ def _build() -> ctypes.CDLL:
             raise RuntimeError(f"{compiler} failed: {last_line}") from error
         finally:
             Path(partial).unlink(missing_ok=True)
-    library = ctypes.CDLL(str(target))
-    for name, arguments in _FUNCTIONS.items():
-        getattr(library, name).argtypes = arguments
-        getattr(library, name).restype = None
-    library.curvlt_max_dim.restype = ctypes.c_int
-    library.curvlt_undirected_edges.restype = ctypes.c_int64
-    return library
+    return target
 
 
 def library() -> ctypes.CDLL | None:
@@ -187,7 +203,8 @@ class _PairAngles(torch.autograd.Function):
         grad_coefficients, grad_inner = torch.zeros_like(coefficients), torch.zeros_like(inner)
         grad_theta = grad_theta.double().contiguous()
         operands = (coefficients, inner, slots, own, other, saved, grad_theta, grad_coefficients, grad_inner)
-        library().curvlt_pair_backward(own.numel(), *_shape(coefficients, inner), *map(_pointer, operands))
+        library().curvlt_pair_backward(own.numel(), coefficients.shape[0], *_shape(coefficients, inner),
+                                       *map(_pointer, operands))
         return grad_coefficients, grad_inner, None, None, None, None, None
 
 
@@ -218,7 +235,7 @@ class _PatchCoefficients(torch.autograd.Function):
                       else grad_inner.double().contiguous())
         grad_grams = torch.zeros_like(grams)
         operands = (grams, blocks, patches, evals, evecs, coefficients, grad_coefficients, grad_inner, grad_grams)
-        library().curvlt_patch_backward(n, m, dim, grams.shape[1], *map(_pointer, operands))
+        library().curvlt_patch_backward(n, grams.shape[0], m, dim, grams.shape[1], *map(_pointer, operands))
         return grad_grams, None, None, None, None, None
 
 

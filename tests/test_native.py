@@ -146,3 +146,36 @@ def test_undirected_edges_are_the_tensor_forms_pairs(rng):
     both = (symmetric[pairs[:, 0]] & symmetric[pairs[:, 1]])
     assert torch.equal(pairs[~both], expected[~both])
     assert torch.equal(pairs[both].sort(dim=1).values, expected[both].sort(dim=1).values)
+
+
+def test_threads_split_the_work_without_changing_the_result(rng):
+    """The kernels run on PyTorch's OpenMP threads (backward passes sum per-thread copies): the
+    same angles on one thread and on two, and the same gradients up to the order of summation
+    (which moves them by up to 1e-6 relative here: the repeated points' patches have eigenvalue
+    gaps at the clamp, whose large terms cancel)."""
+    batch, members, indices = cr_like_clouds(rng)
+    valid = torch.zeros(batch.shape[:2], dtype=torch.bool).flatten().index_fill(0, members, True).reshape(2, -1)
+
+    def angles_and_gradient(threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.set_num_threads(threads)
+        points = batch.clone().requires_grad_()
+        angle = gram_angles(gram_patches(cloud_grams(points, valid), members, indices), indices, 3)
+        angle.sum().backward()
+        return angle.detach(), points.grad
+
+    before = torch.get_num_threads()
+    try:
+        one, two = angles_and_gradient(1), angles_and_gradient(2)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0])
+    torch.testing.assert_close(one[1], two[1], rtol=1e-5, atol=1e-7)
+
+
+def test_builds_without_openmp_too(monkeypatch, tmp_path):
+    """A compiler without OpenMP (clang without libomp) gets the serial build of the same source."""
+    import ctypes
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    serial = ctypes.CDLL(str(_native._compiled(os.environ.get("CC", "cc"), (*_native._FLAGS, *_native._THREADING[-1]))))
+    assert serial.curvlt_max_dim() == _native.library().curvlt_max_dim()
