@@ -1,5 +1,6 @@
 /* Compiled CPU kernels of the geometry engine: batched eigen-decomposition of small symmetric
- * matrices, and CR's pair stage, forward and backward, one neighbour pair at a time.
+ * matrices, and CR's patch stage (one point's neighbourhood at a time) and pair stage (one
+ * neighbour pair at a time), forward and backward.
  *
  * The tensor form (curvature/gram_rotation.py) spends most of its time launching a dozen small
  * batched operators over ~3,000 pairs and in LAPACK's per-matrix overhead; here each pair's whole
@@ -174,9 +175,10 @@ static void block_spectra(int64_t first, int64_t edges, int d, int m, int64_t wi
 /* theta (E,) of the edges (own[e], other[e]). coef (n, m, d), inner (n, width, d), slots (n, m),
  * has (n, d) of 0/1, all contiguous. With `saved` (E, 2 d^2 + d) not NULL, also keeps for the
  * backward pass each edge's M, the eigenvectors V of G and d theta / d lambda. */
-VECTOR_CLONES void curvlt_pair_forward(int64_t edges, int d, int m, int64_t width, const double *coef, const double *inner,
-                         const int64_t *slots, const double *has, const int64_t *own, const int64_t *other,
-                         double eps, double *theta, double *saved) {
+VECTOR_CLONES void curvlt_pair_forward(int64_t edges, int d, int m, int64_t width, const double *coef,
+                                       const double *inner, const int64_t *slots, const double *has,
+                                       const int64_t *own, const int64_t *other, double eps, double *theta,
+                                       double *saved) {
     int64_t stride = 2 * d * d + d;
 #pragma omp parallel for schedule(static) if (edges > 4 * LANES)
     for (int64_t first = 0; first < edges; first += LANES) {
@@ -358,9 +360,9 @@ static void tangent_scales(int d, const double *lam, double *scale) {
 }
 
 /* A (n, m, d), S (n, width, d) and has (n, d) (1 where the direction has variance) of every patch. */
-VECTOR_CLONES void curvlt_patch_forward(int64_t n, int m, int d, int64_t width, const double *grams, const int64_t *block,
-                          const int64_t *slots, const double *evals, const double *evecs, double *coef,
-                          double *inner, double *has) {
+VECTOR_CLONES void curvlt_patch_forward(int64_t n, int m, int d, int64_t width, const double *grams,
+                                        const int64_t *block, const int64_t *slots, const double *evals,
+                                        const double *evecs, double *coef, double *inner, double *has) {
 #pragma omp parallel for schedule(static) if (n > 32)
     for (int64_t r = 0; r < n; ++r) {
         double scale[MAX_DIM];

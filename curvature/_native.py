@@ -1,16 +1,17 @@
-"""Compiled CPU kernels (:file:`_native.c`): small batched eigen-decompositions, and CR's pair stage.
+"""Compiled CPU kernels (:file:`_native.c`): small batched eigen-decompositions, and CR's patch
+and pair stages with their backward passes.
 
 Why: LAPACK solves a batch of small symmetric matrices one call per matrix, each with its own
 checks and workspace: ``torch.linalg.eigh`` of CR's 448 patch matrices of 11 x 11 took 3.6 ms on
 the 2-core VM, where the cyclic Jacobi method run on 8 matrices side by side in vector registers
-takes 1.4 ms (3,000 matrices of 4 x 4: 0.47 against 2.9 ms). And in tensor form, CR's pair stage
-(:mod:`curvature.gram_rotation`) is a dozen small batched operators over a few thousand neighbour
-pairs, each costing more in dispatch, allocation and passes over memory than in arithmetic: at
-Fashion-MNIST sizes (10 classes, 448 points, ~3,000 pairs, d = 4) its forward and backward took
-about 11 ms of CR's 18. The C loop does each pair's whole chain, from ``M_ij = A_jᵀ S_i[P_j]`` to
-its angle and back, on the stack (2.2 ms).
+takes 1.4 ms (3,000 matrices of 4 x 4: 0.47 against 2.9 ms). And in tensor form CR's patch and pair
+stages (:mod:`curvature.gram_rotation`) are a few dozen small operators over a few hundred patches
+and a few thousand neighbour pairs, each costing more in dispatch, allocation and passes over
+memory than in arithmetic. At Fashion-MNIST sizes (10 classes, 448 points, ~3,000 pairs, d = 4)
+CR's forward and backward took 19.8 ms that way and take 4.9 ms here, on PyTorch's OpenMP threads
+(``benchmarks/cr_profile.py``); in a training step after E0, 1.22x the base step against 1.55x.
 
-The library is built on first use with the system's C compiler (``$CC``, else ``cc``; about 0.3 s)
+The library is built on first use with the system's C compiler (``$CC``, else ``cc``; under a second)
 into ``$XDG_CACHE_HOME/curvlt`` (default ``~/.cache/curvlt``), named by a hash of its source and
 flags, so that processes share it and an edited source is rebuilt. Where it cannot be built or
 loaded, or ``CURVLT_NATIVE=0`` is set, the tensor form runs instead (warned once), with the same
@@ -109,7 +110,7 @@ def library() -> ctypes.CDLL | None:
         except Exception as error:  # noqa: BLE001 - any failure leaves the tensor form, which gives the same result
             _failure = f"{type(error).__name__}: {error}".strip().splitlines()[0]
             warnings.warn(f"curvature: the compiled CPU kernels cannot be built here ({_failure}); eigen-problems "
-                          "and CR's pair stage run as PyTorch operators, which is slower", stacklevel=3)
+                          "and CR's patch and pair stages run as PyTorch operators, which is slower", stacklevel=3)
             return None
     return _library
 
@@ -143,11 +144,13 @@ def eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.to(matrices.dtype), evecs.to(matrices.dtype)
 
 
-def patch_spectra(grams: torch.Tensor, blocks: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def patch_spectra(grams: torch.Tensor, blocks: torch.Tensor,
+                  patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Descending eigenvalues (n, m) and eigenvectors (n, m, m) of each patch's centred Gram matrix
     ``H K[P_i, P_i] H``, read from ``grams`` (B, W, W) float64 at cloud ``blocks[i]`` and slots
     ``patches[i]`` (n, m). Not differentiable: :func:`patch_coefficients` carries the gradient."""
-    grams, blocks, patches = grams.detach().contiguous(), blocks.long().contiguous(), patches.long().contiguous()
+    grams = grams.detach().double().contiguous()
+    blocks, patches = blocks.long().contiguous(), patches.long().contiguous()
     n, m = patches.shape
     evals = torch.empty(n, m, dtype=torch.float64)
     evecs = torch.empty(n, m, m, dtype=torch.float64)
@@ -212,8 +215,8 @@ class _PatchCoefficients(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grams: torch.Tensor, blocks: torch.Tensor, patches: torch.Tensor,  # type: ignore[override]
                 evals: torch.Tensor, evecs: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        operands = (grams.detach().contiguous(), blocks.long().contiguous(), patches.long().contiguous(),
-                    evals.contiguous(), evecs.contiguous())
+        operands = (grams.detach().double().contiguous(), blocks.long().contiguous(), patches.long().contiguous(),
+                    evals.double().contiguous(), evecs.double().contiguous())
         n, m = patches.shape
         coefficients = torch.empty(n, m, dim, dtype=torch.float64)
         inner = torch.empty(n, grams.shape[1], dim, dtype=torch.float64)
