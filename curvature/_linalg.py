@@ -32,6 +32,11 @@ _SERIAL_ELEMENTS = 16384
 #: with CUSOLVER_STATUS_INTERNAL_ERROR from 65,536 matrices on (seen for 3x3 to 11x11, float32 and
 #: float64, on an H200 with PyTorch 2.11 + CUDA 13), and CR's pair stage on ResNet-32 / CIFAR-100 passes ~96,000.
 _CUDA_MAX_BATCH = 65535
+#: Largest matrices the compiled Jacobi kernel takes on the CPU. Its work grows as n³ per sweep, and
+#: LAPACK's per-call overhead matters less as n grows. On the 2-core VM, float32 batches, both on two
+#: threads: 448 of 11 x 11, 0.86 against 3.6 ms; 1,500 of 16 x 16, 10.4 against 10.9 ms; 1,500 of
+#: 21 x 21, 24.1 against 22.7 ms (LAPACK split over the pool below).
+_NATIVE_MAX_SIZE = 16
 _POOL: ThreadPoolExecutor | None = None
 #: Why the Triton eigen-solver failed, once it has; it is then not tried again.
 _jacobi_failure: str | None = None
@@ -57,7 +62,7 @@ def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return solved[0].reshape(matrices.shape[:-1]), solved[1].reshape(matrices.shape)
     if flat.device.type == "cuda":
         parts = [_cuda_eigh(part) for part in flat.split(_CUDA_MAX_BATCH)]
-    elif _native.available(flat.device, flat.shape[-1]):
+    elif flat.shape[-1] <= _NATIVE_MAX_SIZE and _native.available(flat.device, flat.shape[-1]):
         parts = [_native.eigh(flat)]
     elif flat.device.type == "cpu" and torch.get_num_threads() >= 2 and flat.numel() >= _MIN_PARALLEL_ELEMENTS:
         parts = list(_pool().map(torch.linalg.eigh, flat.split(max(1, _SERIAL_ELEMENTS // flat[0].numel()))))

@@ -304,8 +304,9 @@ static void sorted_lane(int d, int lane, const double *wl, const double *wv, int
 /* Eigenvalues (ascending) into lam (n, d) and eigenvectors as columns into vecs (n, d, d) of the
  * symmetric matrices a (n, d, d), all contiguous. */
 void curvlt_eigh(int64_t n, int d, const double *a, double *lam, double *vecs) {
-    double work[MAX_DIM * MAX_DIM * LANES], wl[MAX_DIM * LANES], wv[MAX_DIM * MAX_DIM * LANES];
+#pragma omp parallel for schedule(static) if (n > 4 * LANES)
     for (int64_t first = 0; first < n; first += LANES) {
+        double work[MAX_DIM * MAX_DIM * LANES], wl[MAX_DIM * LANES], wv[MAX_DIM * MAX_DIM * LANES];
         int lanes = n - first < LANES ? (int)(n - first) : LANES;
         memset(work, 0, sizeof(double) * d * d * LANES);
         for (int lane = 0; lane < lanes; ++lane)
