@@ -12,7 +12,8 @@ CR's forward and backward took 19.8 ms that way and take 4.9 ms here, on PyTorch
 (``benchmarks/cr_profile.py``); in a training step after E0, 1.22x the base step against 1.55x.
 
 The library is built on first use with the system's C compiler (``$CC``, else ``cc``; under a second)
-into ``$XDG_CACHE_HOME/curvlt`` (default ``~/.cache/curvlt``), named by a hash of its source and
+into ``$XDG_CACHE_HOME/curvlt`` (default ``~/.cache/curvlt``; a folder in the temporary directory
+where that cannot be made), named by a hash of its source and
 flags, so that processes share it and an edited source is rebuilt. Where it cannot be built or
 loaded, or ``CURVLT_NATIVE=0`` is set, the tensor form runs instead (warned once), with the same
 values and gradients (tested).
@@ -55,7 +56,16 @@ _failure: str | None = None
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "curvlt"
+    """``$XDG_CACHE_HOME/curvlt`` (default ``~/.cache/curvlt``), or, where that cannot be made (a
+    read-only home on a cluster node), a per-user folder in the temporary directory."""
+    preferred = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "curvlt"
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        return preferred
+    except OSError:
+        fallback = Path(tempfile.gettempdir()) / f"curvlt-{os.getuid()}"
+        fallback.mkdir(mode=0o700, exist_ok=True)
+        return fallback
 
 
 def _build() -> ctypes.CDLL:
@@ -83,7 +93,6 @@ def _compiled(compiler: str, flags: tuple[str, ...]) -> Path:
     digest = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     target = _cache_dir() / f"native-{digest}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
         # Built under a temporary name and renamed, so processes building at once never load half a file.
         handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(handle)

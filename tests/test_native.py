@@ -180,3 +180,12 @@ def test_builds_without_openmp_too(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     serial = ctypes.CDLL(str(_native._compiled(os.environ.get("CC", "cc"), (*_native._FLAGS, *_native._THREADING[-1]))))
     assert serial.curvlt_max_dim() == _native.library().curvlt_max_dim()
+
+
+def test_builds_in_the_temporary_directory_when_the_cache_cannot_be_made(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))  # mkdir under a file fails
+    monkeypatch.setattr(_native.tempfile, "tempdir", str(tmp_path))
+    built = _native._compiled(os.environ.get("CC", "cc"), (*_native._FLAGS, *_native._THREADING[-1]))
+    assert built.parent == tmp_path / f"curvlt-{os.getuid()}" and built.exists()
