@@ -5,7 +5,8 @@ that stops (Ctrl-C, a closed terminal, a preempted job) ends the run. Its checkp
 Ray Train folder and its epochs in MLflow, so the same command with ``--resume`` continues that run
 in its own MLflow run from its latest checkpoint instead of training again from epoch 0.
 
-A run whose driver is still training is not continued (:mod:`orchestrator.run_heartbeat`). Only
+A run whose driver is still training is not continued (:mod:`orchestrator.run_heartbeat`), and of
+two drivers resuming one run at the same moment only one goes on (:func:`claim`). Only
 a run trained with the same config is continued: a run resumed with another learning rate or
 loss would be neither of the two experiments. Keys that change where or how fast a run trains, not
 what it trains, may differ (:data:`MAY_DIFFER`).
@@ -13,11 +14,15 @@ what it trains, may differ (:data:`MAY_DIFFER`).
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+import uuid
 from pathlib import Path
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
-from orchestrator.run_heartbeat import INTERVAL_S, STALE_AFTER_S, looks_alive, seconds_since_heartbeat
+from orchestrator.run_heartbeat import HEARTBEAT_TAG, INTERVAL_S, STALE_AFTER_S, looks_alive, seconds_since_heartbeat
 from orchestrator.tracking import RUN_KEY_TAG, client, experiment_runs, logged_epochs, public_params
 
 #: ``--resume`` without a run id: the newest unfinished run of the config's experiment with this config.
@@ -28,6 +33,11 @@ MAY_DIFFER = ("scaling.", "checkpoint.", "mlflow.", "train.progress_every_s", "d
 #: Tag with the folder (or URI) holding a run's Ray Train checkpoints, so that it is found again
 #: from any working directory.
 STORAGE_TAG = "curvlt.storage"
+#: Tag a resuming driver writes its token into before it trains (:func:`claim`).
+CLAIM_TAG = "curvlt.resumed_by"
+#: Seconds a resuming driver waits between writing its claim and reading it back: far longer than a
+#: tracking-store round trip, so that a driver that checked the run at the same moment has written.
+CLAIM_SETTLE_S = 2.0
 
 
 def config_differences(params: dict[str, str], config: ExperimentConfig) -> list[str]:
@@ -75,6 +85,33 @@ def run_to_resume(uri: str, config: ExperimentConfig, run_id: str):
         more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
         raise UserError(f"--resume: run {run_id} was trained with another config: {differences[0]}{more}")
     return run
+
+
+def claim(uri: str, run_id: str, settle_s: float = CLAIM_SETTLE_S) -> None:
+    """Take ``run_id`` for this driver, or stop with one line when another driver that resumed it
+    at the same moment took it. Two drivers both see a run's heartbeat as stale if they check it
+    before either has stamped it; MLflow has no compare-and-set, so each writes a unique token and
+    a heartbeat, waits ``settle_s`` and reads the token back: the last writer's stays, and every
+    other driver stops before it trains. A driver that checks after that sees the fresh heartbeat."""
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    store = client(uri)
+    _set_tag(store, run_id, CLAIM_TAG, token)
+    _set_tag(store, run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
+    time.sleep(settle_s)
+    holder = store.get_run(run_id).data.tags.get(CLAIM_TAG)
+    if holder != token:
+        raise UserError(f"--resume: run {run_id} is being resumed by another driver ({holder}), which started at "
+                        "the same moment; leave it to that one")
+
+
+def _set_tag(store, run_id: str, key: str, value: str) -> None:
+    """``set_tag``, tried once more when it fails: two drivers that insert a new tag at the same
+    moment collide on an SQL store's unique key, and the second try updates the row the first made."""
+    try:
+        store.set_tag(run_id, key, value)
+    except Exception:  # noqa: BLE001 - MlflowException wrapping the store's IntegrityError
+        time.sleep(0.1)
+        store.set_tag(run_id, key, value)
 
 
 def still_training(run) -> str:

@@ -16,7 +16,7 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.plots import accuracy_vs_curvature, correlations_over_epochs
 from orchestrator.ray_env import ensure_ray
 from orchestrator.run_heartbeat import Heartbeat
-from orchestrator.run_resume import STORAGE_TAG, check_checkpoints_found, run_to_resume
+from orchestrator.run_resume import STORAGE_TAG, check_checkpoints_found, claim, run_to_resume
 from orchestrator.tracking import (RUN_KEY_TAG, check_reachable, client, find_run, finish_run, resolve_tracking_uri,
                                    start_run)
 from orchestrator.train_loop import train_loop_per_worker
@@ -67,6 +67,7 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
             storage = existing.data.tags.get(STORAGE_TAG, storage)
         if not is_uri(storage):
             check_checkpoints_found(uri, existing, Path(storage) / f"curvlt-{existing.info.run_id}")
+        claim(uri, existing.info.run_id)
     else:
         existing = find_run(uri, config.mlflow.experiment, run_key) if run_key else None
     if existing is not None and existing.info.status == "FINISHED":

@@ -101,3 +101,32 @@ def test_heartbeat_failures_warn_once_and_do_not_stop_training(tmp_path):
         with Heartbeat(f"sqlite:///{tmp_path / 'mlflow.db'}", "nope", interval_s=0.1):
             time.sleep(0.35)
     assert len([w for w in caught if "heartbeat" in str(w.message)]) == 1
+
+
+def test_of_two_drivers_resuming_at_once_only_one_goes_on(store):
+    """Both see the run's heartbeat as stale before either has stamped it; the claim lets one train."""
+    import threading
+
+    from orchestrator.run_resume import CLAIM_TAG, claim
+
+    run = start_run(store, load_config("digits_lt"))
+    start = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def resume() -> None:
+        start.wait()
+        try:
+            claim(store, run, settle_s=1.0)
+            outcomes.append("trains")
+        except UserError as error:
+            outcomes.append(str(error))
+
+    drivers = [threading.Thread(target=resume) for _ in range(2)]
+    for driver in drivers:
+        driver.start()
+    for driver in drivers:
+        driver.join()
+    assert sorted(outcomes)[1] == "trains"
+    assert sorted(outcomes)[0].startswith(f"--resume: run {run} is being resumed by another driver (")
+    tags = client(store).get_run(run).data.tags
+    assert CLAIM_TAG in tags and float(tags[HEARTBEAT_TAG]) > time.time() - 10  # a third driver now sees it alive
