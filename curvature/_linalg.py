@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from curvature import _native
+
 #: Batches of fewer elements than this are decomposed on the calling thread. Splitting pays only when
 #: each thread gets enough work: in a real workload the ATen ops just before leave OpenMP workers on
 #: the same cores. Measured on the 2-core machine inside ``tangent_rotation``, the pool was 1.5x
@@ -50,12 +51,12 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh`` over a batch; on the CPU by the compiled Jacobi kernel
-    (:mod:`curvature._native`) where it can be built, else by LAPACK, with a large batch split
-    across threads, since LAPACK solves the small matrices one at a time on one core (see
-    ``_MIN_PARALLEL_ELEMENTS``); on CUDA
-    matrices up to 4 x 4 go to the Jacobi kernel (:mod:`curvature._jacobi_triton`), which is faster
-    there and does not wait on the GPU, and larger ones to cuSOLVER in batches it accepts."""
+    """``torch.linalg.eigh`` over a batch. On the CPU, matrices up to :data:`_NATIVE_MAX_SIZE` go to
+    the compiled Jacobi kernel (:mod:`curvature._native`) where it can be built, the rest to LAPACK,
+    a large batch split across threads, since LAPACK solves the small matrices one at a time on one
+    core (see ``_MIN_PARALLEL_ELEMENTS``). On CUDA, matrices up to 4 x 4 go to the Triton Jacobi
+    kernel (:mod:`curvature._jacobi_triton`), which is faster there and does not wait on the GPU,
+    and larger ones to cuSOLVER in batches it accepts."""
     flat = matrices.reshape(-1, *matrices.shape[-2:])
     solved = _jacobi_eigh(flat) if flat.device.type == "cuda" else None
     if solved is not None:

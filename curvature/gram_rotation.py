@@ -131,7 +131,7 @@ def gram_angles(patches: GramPatches, indices: torch.Tensor, dim: int,
     k = indices.shape[1]
     if _native.available(indices.device, dim):
         theta = _native.pair_angles(pairs.coefficients, pairs.inner, patches.patches, pairs.has_direction,
-                                         pairs.own, pairs.other, torch.finfo(angle_dtype).eps)
+                                    pairs.own, pairs.other, torch.finfo(angle_dtype).eps)
         return angles_from_theta(theta.to(angle_dtype), pairs.which, k)
     return angles_from_sin2(symmetric_eigvals(residual_grams(pairs, patches).to(angle_dtype)), pairs.which, k)
 
