@@ -301,9 +301,10 @@ static void sorted_lane(int d, int lane, const double *wl, const double *wv, int
     }
 }
 
-/* Eigenvalues (ascending) into lam (n, d) and eigenvectors as columns into vecs (n, d, d) of the
- * symmetric matrices a (n, d, d), all contiguous. */
-void curvlt_eigh(int64_t n, int d, const double *a, double *lam, double *vecs) {
+/* Eigenvalues (ascending, or descending with `descending`) into lam (n, d) and eigenvectors as
+ * columns into vecs (n, d, d) of the symmetric matrices a (n, d, d), all contiguous. `a` may be
+ * `vecs`: each block of LANES matrices is read before its vectors are written. */
+static void eigh_blocks(int64_t n, int d, const double *a, int descending, double *lam, double *vecs) {
 #pragma omp parallel for schedule(static) if (n > 4 * LANES)
     for (int64_t first = 0; first < n; first += LANES) {
         double work[MAX_DIM * MAX_DIM * LANES], wl[MAX_DIM * LANES], wv[MAX_DIM * MAX_DIM * LANES];
@@ -313,8 +314,28 @@ void curvlt_eigh(int64_t n, int d, const double *a, double *lam, double *vecs) {
             for (int e = 0; e < d * d; ++e) work[e * LANES + lane] = a[(first + lane) * d * d + e];
         jacobi(d, work, wl, wv);
         for (int lane = 0; lane < lanes; ++lane)
-            sorted_lane(d, lane, wl, wv, 0, lam + (first + lane) * d, vecs + (first + lane) * d * d);
+            sorted_lane(d, lane, wl, wv, descending, lam + (first + lane) * d, vecs + (first + lane) * d * d);
     }
+}
+
+/* Eigenvalues (ascending) into lam (n, d) and eigenvectors as columns into vecs (n, d, d) of the
+ * symmetric matrices a (n, d, d), all contiguous. */
+void curvlt_eigh(int64_t n, int d, const double *a, double *lam, double *vecs) {
+    eigh_blocks(n, d, a, 0, lam, vecs);
+}
+
+/* H X H of a symmetric m x m matrix, in place (H = I - 11^T / m): row and column means are equal. */
+static void centre(int m, double *x) {
+    double mean[MAX_DIM], total = 0.0;
+    for (int a = 0; a < m; ++a) {
+        double sum = 0.0;
+        for (int b = 0; b < m; ++b) sum += x[a * m + b];
+        mean[a] = sum / m;
+        total += sum;
+    }
+    total /= (double)m * m;
+    for (int a = 0; a < m; ++a)
+        for (int b = 0; b < m; ++b) x[a * m + b] += total - mean[a] - mean[b];
 }
 
 /* ---- CR's patch stage (curvature/gram_rotation.py, kernel form) ----
@@ -324,34 +345,20 @@ void curvlt_eigh(int64_t n, int d, const double *a, double *lam, double *vecs) {
  * (lambda_l > 100 eps lambda_0 and > 0, else s_l = 0), the coefficients A = H U[:, :d] diag(s) and
  * the inner products S = K[:, P] A of the whole cloud with T_r's directions. */
 
-/* Descending eigenvalues (n, m) and eigenvectors (n, m, m) of every patch's C. */
+/* Descending eigenvalues (n, m) and eigenvectors (n, m, m) of every patch's C, which is first
+ * formed in `evecs`. */
 void curvlt_patch_spectra(int64_t n, int m, int64_t width, const double *grams, const int64_t *block,
                           const int64_t *slots, double *evals, double *evecs) {
 #pragma omp parallel for schedule(static) if (n > 4 * LANES)
-    for (int64_t first = 0; first < n; first += LANES) {
-        double work[MAX_DIM * MAX_DIM * LANES], wl[MAX_DIM * LANES], wv[MAX_DIM * MAX_DIM * LANES];
-        double mean[MAX_DIM];
-        int lanes = n - first < LANES ? (int)(n - first) : LANES;
-        memset(work, 0, sizeof(double) * m * m * LANES);
-        for (int lane = 0; lane < lanes; ++lane) {
-            const double *K = grams + block[first + lane] * width * width;
-            const int64_t *P = slots + (first + lane) * m;
-            double total = 0.0;
-            for (int a = 0; a < m; ++a) {
-                double sum = 0.0;
-                for (int b = 0; b < m; ++b) sum += K[P[a] * width + P[b]];
-                mean[a] = sum / m;
-                total += sum;
-            }
-            total /= (double)m * m;
-            for (int a = 0; a < m; ++a)
-                for (int b = 0; b < m; ++b)
-                    work[(a * m + b) * LANES + lane] = K[P[a] * width + P[b]] - mean[a] - mean[b] + total;
-        }
-        jacobi(m, work, wl, wv);
-        for (int lane = 0; lane < lanes; ++lane)
-            sorted_lane(m, lane, wl, wv, 1, evals + (first + lane) * m, evecs + (first + lane) * m * m);
+    for (int64_t r = 0; r < n; ++r) {
+        const double *K = grams + block[r] * width * width;
+        const int64_t *P = slots + r * m;
+        double *C = evecs + r * m * m;
+        for (int a = 0; a < m; ++a)
+            for (int b = 0; b < m; ++b) C[a * m + b] = K[P[a] * width + P[b]];
+        centre(m, C);
     }
+    eigh_blocks(n, m, evecs, 1, evals, evecs);
 }
 
 /* The top-d scales s (d,) of one patch's descending eigenvalues, 0 for directions without variance. */
@@ -393,7 +400,7 @@ static void patch_point_backward(int64_t r, int m, int d, int64_t width, const d
                                  const double *grad_coef, const double *grad_inner, double *grad_grams) {
     const double eps = 2.220446049250313e-16;
     double scale[MAX_DIM], dA[MAX_DIM * MAX_DIM], dlam[MAX_DIM], inner[MAX_DIM * MAX_DIM], half[MAX_DIM * MAX_DIM];
-    double dC[MAX_DIM * MAX_DIM], mean[MAX_DIM];
+    double dC[MAX_DIM * MAX_DIM];
     const double *K = grams + block[r] * width * width, *U = evecs + r * m * m, *lam = evals + r * m;
     const double *A = coef + r * m * d, *dS = grad_inner + r * width * d;
     const int64_t *P = slots + r * m;
@@ -459,16 +466,9 @@ static void patch_point_backward(int64_t r, int m, int d, int64_t width, const d
             dC[a * m + b] = dC[b * m + a] = 0.5 * sum;
         }
     /* C = H K[P, P] H: dK[P_a, P_b] += (H dC H)[a, b]. */
-    double total = 0.0;
-    for (int a = 0; a < m; ++a) {
-        double sum = 0.0;
-        for (int b = 0; b < m; ++b) sum += dC[a * m + b];
-        mean[a] = sum / m;
-        total += sum;
-    }
-    total /= (double)m * m;
+    centre(m, dC);
     for (int a = 0; a < m; ++a)
-        for (int b = 0; b < m; ++b) dK[P[a] * width + P[b]] += dC[a * m + b] - mean[a] - mean[b] + total;
+        for (int b = 0; b < m; ++b) dK[P[a] * width + P[b]] += dC[a * m + b];
 }
 
 /* Adds to grad_grams (B, width, width) the gradient of <grad_coef, A> + <grad_inner, S> through

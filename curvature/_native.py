@@ -72,18 +72,19 @@ def _build() -> ctypes.CDLL:
     """Compile (unless already cached) and load the library, with OpenMP where the compiler has
     it; raises the last failure when no way works."""
     compiler = os.environ.get("CC", "cc")
-    for threading in _THREADING:
+    for variant in _THREADING:
         try:
-            library = ctypes.CDLL(str(_compiled(compiler, (*_FLAGS, *threading))))
+            library = ctypes.CDLL(str(_compiled(compiler, (*_FLAGS, *variant))))
             break
         except (OSError, RuntimeError):
-            if threading == _THREADING[-1]:
+            if variant == _THREADING[-1]:
                 raise
     for name, arguments in _FUNCTIONS.items():
         getattr(library, name).argtypes = arguments
         getattr(library, name).restype = None
     library.curvlt_max_dim.restype = ctypes.c_int
     library.curvlt_undirected_edges.restype = ctypes.c_int64
+    library.max_dim = library.curvlt_max_dim()  # asked once: available() runs several times a step
     return library
 
 
@@ -130,7 +131,7 @@ def available(device: torch.device, dim: int) -> bool:
     if device.type != "cpu":
         return False
     kernel = library()
-    return kernel is not None and dim <= kernel.curvlt_max_dim()
+    return kernel is not None and dim <= kernel.max_dim
 
 
 def pair_angles(coefficients: torch.Tensor, inner: torch.Tensor, slots: torch.Tensor, has_direction: torch.Tensor,

@@ -52,12 +52,17 @@ class Heartbeat:
 
     def _stamp(self) -> None:
         try:
-            client(self.uri).set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
+            client(self.uri).set_tag(self.run_id, HEARTBEAT_TAG, now_stamp())
         except Exception as exc:  # any MLflow or network error: training goes on
             if not self._warned:
                 self._warned = True
                 warnings.warn(f"curvlt: could not record run {self.run_id}'s heartbeat ({exc.__class__.__name__}); "
                               f"--resume cannot tell whether this run is alive", stacklevel=2)
+
+
+def now_stamp() -> str:
+    """The value of :data:`HEARTBEAT_TAG` for a heartbeat now: Unix time in seconds."""
+    return f"{time.time():.3f}"
 
 
 def seconds_since_heartbeat(run) -> float | None:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
-from orchestrator.run_heartbeat import HEARTBEAT_TAG, INTERVAL_S, STALE_AFTER_S, looks_alive, seconds_since_heartbeat
+from orchestrator.run_heartbeat import (HEARTBEAT_TAG, INTERVAL_S, STALE_AFTER_S, looks_alive, now_stamp,
+                                        seconds_since_heartbeat)
 from orchestrator.tracking import RUN_KEY_TAG, client, experiment_runs, logged_epochs, public_params
 
 #: ``--resume`` without a run id: the newest unfinished run of the config's experiment with this config.
@@ -96,7 +97,7 @@ def claim(uri: str, run_id: str, settle_s: float = CLAIM_SETTLE_S) -> None:
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     store = client(uri)
     _set_tag(store, run_id, CLAIM_TAG, token)
-    _set_tag(store, run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
+    _set_tag(store, run_id, HEARTBEAT_TAG, now_stamp())
     time.sleep(settle_s)
     holder = store.get_run(run_id).data.tags.get(CLAIM_TAG)
     if holder != token:
