@@ -37,6 +37,9 @@
 #define MAX_THREADS 1
 #endif
 
+/* Work arrays live on the stack, sized by the sizes of the call (C99 variable-length arrays): about
+ * 16 KB per thread for CR's 11 x 11 patches, up to ~200 KB at MAX_DIM, the largest size taken (larger
+ * problems stay with the tensor form). */
 #define MAX_DIM 32
 #define MAX_SWEEPS 50
 #define LANES 8
@@ -162,7 +165,7 @@ static void edge_matrices(int d, int m, const double *coef_j, const double *inne
 static void block_spectra(int64_t first, int64_t edges, int d, int m, int64_t width, const double *coef,
                           const double *inner, const int64_t *slots, const double *has, const int64_t *own,
                           const int64_t *other, double *M, double *lam, double *vecs) {
-    double g[MAX_DIM * MAX_DIM * LANES];
+    double g[d * d * LANES];
     memset(g, 0, sizeof(double) * d * d * LANES);
     for (int lane = 0; lane < LANES && first + lane < edges; ++lane) {
         int64_t i = own[first + lane], j = other[first + lane];
@@ -182,8 +185,7 @@ VECTOR_CLONES void curvlt_pair_forward(int64_t edges, int d, int m, int64_t widt
     int64_t stride = 2 * d * d + d;
 #pragma omp parallel for schedule(static) if (edges > 4 * LANES)
     for (int64_t first = 0; first < edges; first += LANES) {
-        double M[MAX_DIM * MAX_DIM * LANES], V[MAX_DIM * MAX_DIM * LANES], lam[MAX_DIM * LANES];
-        double slope[MAX_DIM];
+        double M[d * d * LANES], V[d * d * LANES], lam[d * LANES], slope[d];
         block_spectra(first, edges, d, m, width, coef, inner, slots, has, own, other, M, lam, saved ? V : NULL);
         for (int lane = 0; lane < LANES && first + lane < edges; ++lane) {
             double total = 0.0;
@@ -203,7 +205,7 @@ VECTOR_CLONES void curvlt_pair_forward(int64_t edges, int d, int m, int64_t widt
 static void pair_edge_backward(int64_t e, int d, int m, int64_t width, const double *coef, const double *inner,
                                const int64_t *slots, const int64_t *own, const int64_t *other, const double *saved,
                                const double *grad_theta, double *grad_coef, double *grad_inner) {
-    double dG[MAX_DIM * MAX_DIM], dM[MAX_DIM * MAX_DIM], dlam[MAX_DIM];
+    double dG[d * d], dM[d * d], dlam[d];
     const double *M = saved + e * (2 * d * d + d), *V = M + d * d, *dtheta = V + d * d;
     int any = 0;
     for (int l = 0; l < d; ++l) any |= (dlam[l] = grad_theta[e] * dtheta[l]) != 0.0;
@@ -287,7 +289,7 @@ VECTOR_CLONES void curvlt_pair_backward(int64_t edges, int64_t n, int d, int m, 
  * descending with `descending`) into lam (d,) and vecs (d, d). */
 static void sorted_lane(int d, int lane, const double *wl, const double *wv, int descending, double *lam,
                         double *vecs) {
-    int order[MAX_DIM];
+    int order[d];
     for (int i = 0; i < d; ++i) order[i] = i;
     for (int i = 1; i < d; ++i) /* insertion sort */
         for (int j = i; j > 0; --j) {
@@ -307,7 +309,7 @@ static void sorted_lane(int d, int lane, const double *wl, const double *wv, int
 static void eigh_blocks(int64_t n, int d, const double *a, int descending, double *lam, double *vecs) {
 #pragma omp parallel for schedule(static) if (n > 4 * LANES)
     for (int64_t first = 0; first < n; first += LANES) {
-        double work[MAX_DIM * MAX_DIM * LANES], wl[MAX_DIM * LANES], wv[MAX_DIM * MAX_DIM * LANES];
+        double work[d * d * LANES], wl[d * LANES], wv[d * d * LANES];
         int lanes = n - first < LANES ? (int)(n - first) : LANES;
         memset(work, 0, sizeof(double) * d * d * LANES);
         for (int lane = 0; lane < lanes; ++lane)
@@ -326,7 +328,7 @@ void curvlt_eigh(int64_t n, int d, const double *a, double *lam, double *vecs) {
 
 /* H X H of a symmetric m x m matrix, in place (H = I - 11^T / m): row and column means are equal. */
 static void centre(int m, double *x) {
-    double mean[MAX_DIM], total = 0.0;
+    double mean[m], total = 0.0;
     for (int a = 0; a < m; ++a) {
         double sum = 0.0;
         for (int b = 0; b < m; ++b) sum += x[a * m + b];
@@ -373,7 +375,7 @@ VECTOR_CLONES void curvlt_patch_forward(int64_t n, int m, int d, int64_t width, 
                                         const double *evecs, double *coef, double *inner, double *has) {
 #pragma omp parallel for schedule(static) if (n > 32)
     for (int64_t r = 0; r < n; ++r) {
-        double scale[MAX_DIM];
+        double scale[d];
         const double *K = grams + block[r] * width * width, *U = evecs + r * m * m;
         const int64_t *P = slots + r * m;
         double *A = coef + r * m * d, *S = inner + r * width * d;
@@ -399,8 +401,7 @@ static void patch_point_backward(int64_t r, int m, int d, int64_t width, const d
                                  const int64_t *slots, const double *evals, const double *evecs, const double *coef,
                                  const double *grad_coef, const double *grad_inner, double *grad_grams) {
     const double eps = 2.220446049250313e-16;
-    double scale[MAX_DIM], dA[MAX_DIM * MAX_DIM], dlam[MAX_DIM], inner[MAX_DIM * MAX_DIM], half[MAX_DIM * MAX_DIM];
-    double dC[MAX_DIM * MAX_DIM];
+    double scale[d], dA[m * d], dlam[m], inner[m * d], half[m * d], dC[m * m];
     const double *K = grams + block[r] * width * width, *U = evecs + r * m * m, *lam = evals + r * m;
     const double *A = coef + r * m * d, *dS = grad_inner + r * width * d;
     const int64_t *P = slots + r * m;

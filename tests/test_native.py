@@ -189,3 +189,37 @@ def test_builds_in_the_temporary_directory_when_the_cache_cannot_be_made(monkeyp
     monkeypatch.setattr(_native.tempfile, "tempdir", str(tmp_path))
     built = _native._compiled(os.environ.get("CC", "cc"), (*_native._FLAGS, *_native._THREADING[-1]))
     assert built.parent == tmp_path / f"curvlt-{os.getuid()}" and built.exists()
+
+
+SMALL_STACK = """
+import sys, threading, numpy as np, torch
+sys.path.insert(0, {tests!r})
+from test_native import cr_like_clouds
+from curvature.gram_rotation import cloud_grams, gram_angles, gram_patches
+torch.set_num_threads(1)  # the kernels run on the calling thread alone
+batch, members, indices = cr_like_clouds(np.random.default_rng(0))
+valid = torch.zeros(batch.shape[:2], dtype=torch.bool).flatten().index_fill(0, members, True).reshape(2, -1)
+done = []
+
+def run():
+    points = batch.clone().requires_grad_()
+    angle = gram_angles(gram_patches(cloud_grams(points, valid), members, indices), indices, 5)
+    angle.sum().backward()
+    done.append(bool(torch.isfinite(points.grad).all()))
+
+threading.stack_size({stack})
+thread = threading.Thread(target=run)
+thread.start()
+thread.join()
+print(done)
+"""
+
+
+def test_kernels_fit_a_small_thread_stack():
+    """The kernels' work arrays grow with the patch and tangent sizes, not with the largest size
+    they take: CR's stages at k = 8 run on a thread with a 128 KiB stack (musl's default thread
+    stack; a small ``ulimit -s`` does the same). Run in a subprocess: an overflow kills it."""
+    script = SMALL_STACK.format(tests=os.path.dirname(__file__), stack=128 * 1024)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    assert run.returncode == 0 and run.stdout.strip() == "[True]", (run.returncode, run.stderr[-500:])
