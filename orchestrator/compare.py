@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from orchestrator.errors import UserError  # noqa: E402
-from orchestrator.tracking import RUN_KEY_TAG, client, find_run, resolve_tracking_uri  # noqa: E402
+from orchestrator.tracking import RUN_KEY_TAG, check_store_exists, client, find_run, resolve_tracking_uri  # noqa: E402
 
 DEFAULT_GROUP_BY = ["dataset.name", "loss.name", "cr.weight"]
 COLUMN_NAMES = {"dataset.name": "dataset", "loss.name": "loss", "cr.weight": "cr_weight"}
@@ -137,6 +137,7 @@ def log_comparison(experiment: str, uri: str, frame: pd.DataFrame, table: pd.Dat
 def compare_experiment(experiment: str, group_by: list[str] | None = None, tracking_uri: str = "",
                        out_dir: Path | None = None) -> pd.DataFrame:
     uri = resolve_tracking_uri(tracking_uri)
+    check_store_exists(uri)
     frame = runs_frame(experiment, uri)
     table = compare_runs(frame, group_by or DEFAULT_GROUP_BY)
     with tempfile.TemporaryDirectory() as scratch:

@@ -37,6 +37,9 @@ TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 #: Ray reads this once, on import, to decide whether a node may be part of a multi-machine cluster.
 _CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
+#: Set once this process has started its own local instance (see :func:`started_here`).
+_started_here = False
+
 
 def setup_worker_process() -> None:
     """Runs in every Ray worker process at start-up (``worker_process_setup_hook``): quiets the
@@ -84,7 +87,14 @@ def ensure_ray() -> None:
             signal.signal(signal.SIGTERM, sigterm)
 
 
+def started_here() -> bool:
+    """Whether this process started the Ray it is connected to (on this machine, with no autoscaler:
+    its nodes are all there will be), rather than joining a cluster."""
+    return _started_here
+
+
 def _start_or_join() -> None:
+    global _started_here
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Workers' print() goes straight to the driver once; Ray Train's patch would echo it twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -103,3 +113,4 @@ def _start_or_join() -> None:
     with _loopback_only():
         ray.init(address="local", include_dashboard=os.environ.get(DASHBOARD_ENV) == "1", _node_ip_address="127.0.0.1",
                  dashboard_host="127.0.0.1", runtime_env=runtime_env, logging_level="WARNING")
+    _started_here = True

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import shlex
 import sys
+import time
 
 from orchestrator.errors import UserError
 from orchestrator.tracking import redact
+
+#: How the Jobs API says that the head's job agent is not up yet, and how long to wait for it (s).
+NO_AGENT, AGENT_WAIT_S = "No available agent to submit job", 60
 
 #: Never uploaded with --working-dir: environments, run outputs and local stores.
 WORKING_DIR_EXCLUDES = [".venv/", ".git/", "curvlt_runs/", "curvlt_compare/", "mlflow.db", "mlartifacts/", "mlruns/",
@@ -59,6 +64,26 @@ def _env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def _submit(client, entrypoint: str, runtime_env: dict | None) -> str:
+    """``client.submit_job``, tried again while the head has no job agent yet. A head just started
+    (``ray start --head``) answers its Jobs API before the agent that runs jobs is up, and refuses
+    with "No available agent to submit job, please try again later" (Ray 2.60)."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    for attempt in itertools.count():
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as exc:
+            if NO_AGENT not in str(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise UserError(f"--address: the cluster has had no job agent for {AGENT_WAIT_S} s "
+                                f"({str(exc).splitlines()[0]})") from None
+        if attempt == 0:
+            print(f"[curvlt] the cluster's job agent is not up yet; trying again for up to {AGENT_WAIT_S} s",
+                  flush=True)
+        time.sleep(2.0)
+
+
 def _stream(client, job_id: str) -> str:
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
@@ -92,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         runtime_env["pip"] = args.pip
     if args.env:
         runtime_env["env_vars"] = _env(args.env)
-    job_id = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env or None)
+    job_id = _submit(client, shlex.join(command), runtime_env or None)
     address = redact(args.address)
     print(f"submitted job {job_id} to {address}: {shlex.join(command)}")
     print(f"follow it:  curvlt submit --address {address} --logs {job_id} --follow")

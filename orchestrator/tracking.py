@@ -43,6 +43,20 @@ def resolve_tracking_uri(configured: str) -> str:
     return uri
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else ``None``."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def check_store_exists(uri: str) -> None:
+    """For commands that only read runs: a SQLite store that is not there is a wrong folder or URI,
+    not an empty store to create (opening one makes the file)."""
+    database = sqlite_file(uri)
+    if database is not None and not database.is_file():
+        raise UserError(f"--tracking-uri: no MLflow store at {database}; run this where the runs' mlflow.db is, "
+                        f"or pass --tracking-uri (or set MLFLOW_TRACKING_URI)")
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Stop before any training when the tracking server does not answer."""
     if uri.startswith(("http://", "https://")):
@@ -54,8 +68,8 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             reason = getattr(exc, "reason", exc)
             raise UserError(f"mlflow.tracking_uri: cannot reach the MLflow server at {redact(uri)} ({reason}); "
                             f"start one with 'mlflow server --host 127.0.0.1 --port 5000' or fix the URI") from None
-    elif uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    elif sqlite_file(uri) is not None:
+        sqlite_file(uri).parent.mkdir(parents=True, exist_ok=True)
 
 
 def client(uri: str):
@@ -70,9 +84,8 @@ def experiment_id(uri: str, name: str) -> str:
     existing = mlflow_client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    database = sqlite_file(uri)
+    location = None if database is None else (database.parent / "mlartifacts").as_uri()
     return mlflow_client.create_experiment(name, artifact_location=location)
 
 

@@ -1,6 +1,7 @@
-"""Driver side of one training run (SPEC §8): MLflow run first (so an unreachable server stops us
-before any training), then a Ray Train ``TorchTrainer`` with checkpointing and automatic restarts,
-then plots and a summary read back from MLflow."""
+"""Driver side of one training run (SPEC §8): the tracking server reached and the run's workers and
+data checked (:mod:`orchestrator.preflight`) before its MLflow run is made, so that a run that
+cannot start stops before any training; then a Ray Train ``TorchTrainer`` with checkpointing and
+automatic restarts, then plots and a summary read back from MLflow."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import pandas as pd
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.plots import accuracy_vs_curvature, correlations_over_epochs
-from orchestrator.ray_env import ensure_ray
+from orchestrator.errors import UserError
+from orchestrator.preflight import check_dataset_loads, check_workers_fit, worker_resources
+from orchestrator.ray_env import ensure_ray, started_here
 from orchestrator.run_heartbeat import Heartbeat
 from orchestrator.run_resume import STORAGE_TAG, check_checkpoints_found, claim, run_to_resume
 from orchestrator.tracking import (RUN_KEY_TAG, check_reachable, client, find_run, finish_run, resolve_tracking_uri,
@@ -67,26 +70,28 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
             storage = existing.data.tags.get(STORAGE_TAG, storage)
         if not is_uri(storage):
             check_checkpoints_found(uri, existing, Path(storage) / f"curvlt-{existing.info.run_id}")
-        claim(uri, existing.info.run_id)
     else:
         existing = find_run(uri, config.mlflow.experiment, run_key) if run_key else None
     if existing is not None and existing.info.status == "FINISHED":
         return TrainingOutcome(existing.info.run_id, uri, existing.data.tags.get("curvlt.checkpoint"),
                                dict(existing.data.metrics), trained=False)
+    ensure_ray()  # checked before a run is created or claimed: a run that cannot start leaves no trace
+    check_workers_fit(config.scaling, nodes_fixed=started_here())
+    if started_here():
+        check_dataset_loads(config)
+    if resume is not None:
+        claim(uri, existing.info.run_id)
     if existing is not None:
         run_id = existing.info.run_id
         client(uri).update_run(run_id, status="RUNNING")
     else:
         run_id = start_run(uri, config, {**(tags or {}), STORAGE_TAG: storage,
                                          **({RUN_KEY_TAG: run_key} if run_key else {})})
-    ensure_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "run_id": run_id, "tracking_uri": uri},
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
-                                     resources_per_worker={"CPU": config.scaling.cpus_per_worker,
-                                                           **({"GPU": config.scaling.gpus_per_worker}
-                                                              if config.scaling.use_gpu else {})}),
+                                     resources_per_worker=worker_resources(config.scaling)),
         run_config=RunConfig(name=f"curvlt-{run_key or run_id}", storage_path=storage,
                              callbacks=callbacks or [],
                              failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
@@ -105,11 +110,23 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
         if run_key is None:
             print(f"[curvlt] run {run_id} ended {status}; the same command with --resume {run_id} continues it "
                   f"from its last checkpoint", file=sys.stderr, flush=True)
+        raise_user_error_of_workers(sys.exc_info()[1])
         raise
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     log_plots(uri, run_id, config)
     finish_run(uri, run_id, "FINISHED", {"curvlt.checkpoint": checkpoint_path or "none"})
     return TrainingOutcome(run_id, uri, checkpoint_path, latest_metrics(uri, run_id))
+
+
+def raise_user_error_of_workers(error: BaseException | None) -> None:
+    """A worker's :class:`UserError` (a dataset not found on a cluster's node) raised again here, so
+    that the command line ends with its one line rather than Ray Train's report of every worker."""
+    from ray.train import WorkerGroupError
+
+    if isinstance(error, WorkerGroupError):
+        for failure in error.worker_failures.values():
+            if isinstance(failure, UserError):
+                raise UserError(str(failure)) from None
 
 
 def _interrupted() -> bool:

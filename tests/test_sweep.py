@@ -114,6 +114,15 @@ def test_resume_without_an_earlier_sweep_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "no earlier sweep" in result.stderr
 
 
+def test_compare_in_a_folder_without_a_store_says_so_and_makes_none(tmp_path):
+    result = curvlt("compare", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"curvlt: error: --tracking-uri: no MLflow store at {tmp_path.resolve() / 'mlflow.db'}; run this where the "
+        "runs' mlflow.db is, or pass --tracking-uri (or set MLFLOW_TRACKING_URI)")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 with the Jobs API, run in the foreground (--block) in its own process

@@ -89,11 +89,19 @@ def _fashion_arrays(config: DatasetConfig) -> list[np.ndarray]:
     if config.download:
         from torchvision.datasets import FashionMNIST
 
-        FashionMNIST(str(root), train=True, download=True)
-        FashionMNIST(str(root), train=False, download=True)
+        try:
+            FashionMNIST(str(root), train=True, download=True)
+            FashionMNIST(str(root), train=False, download=True)
+        except (OSError, RuntimeError) as exc:  # no network: URLError, an OSError; every mirror failed: RuntimeError
+            raise _download_failed(config, root, exc) from None
         return [_read_idx(root / "FashionMNIST" / "raw" / name) for name in FASHION_FILES]
     raise UserError(f"dataset fashion_mnist_lt: IDX files not found in {', '.join(map(str, candidates))}; "
                     f"install them with 'apt-get install dataset-fashion-mnist' or set dataset.download=true")
+
+
+def _download_failed(config: DatasetConfig, root: Path, exc: Exception) -> UserError:
+    return UserError(f"dataset {config.name}: could not download it to {root} ({exc}); check the network, "
+                     f"or put its files there and set dataset.download=false")
 
 
 @DATASETS.register("fashion_mnist_lt")
@@ -135,7 +143,9 @@ def _cifar(config: DatasetConfig, seed: int, num_classes: int) -> DataBundle:
     cls = CIFAR10 if num_classes == 10 else CIFAR100
     try:
         train, test = (cls(str(root), train=flag, download=config.download) for flag in (True, False))
-    except RuntimeError as exc:
+    except (OSError, RuntimeError) as exc:  # not found: RuntimeError; no network: URLError, an OSError
+        if config.download:
+            raise _download_failed(config, root, exc) from None
         raise UserError(f"dataset {config.name}: not found under {root} ({exc}); "
                         f"set dataset.download=true or dataset.root to a folder holding it") from None
     mean = torch.tensor([0.4914, 0.4822, 0.4465])[:, None, None]

@@ -1,0 +1,69 @@
+"""What the driver checks before any Ray Train worker starts, so that a run that cannot start says
+why in one line instead of after a timeout, a traceback per worker and a retry per
+``checkpoint.max_failures``.
+
+Why here and not in the workers: Ray Train waits 60 s for workers that the cluster cannot place
+(``WorkerGroupStartupTimeoutError``: a bundled GPU config on a laptop), and a worker that raises
+(a dataset not found) is restarted like one that crashed. On a Ray that curvlt started on this
+machine nothing can add nodes later, so a request larger than its nodes is an error; on a cluster
+that was joined, an autoscaler may still add them, so it is only a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import ray
+
+from orchestrator.config import ExperimentConfig, ScalingConfig
+from orchestrator.errors import UserError
+
+
+def worker_resources(scaling: ScalingConfig) -> dict[str, float]:
+    """What each Ray Train worker asks of its node."""
+    return {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+
+
+def workers_that_fit(nodes: list[dict[str, float]], per_worker: dict[str, float]) -> int:
+    """How many workers the nodes (each node's total resources) hold at once; a worker lies on one
+    node."""
+    def on(node: dict[str, float]) -> int:
+        # a hair of slack: Ray stores resources in units of 1e-4
+        return min((math.floor(node.get(name, 0.0) / need + 1e-6) for name, need in per_worker.items() if need > 0),
+                   default=0)
+
+    return sum(on(node) for node in nodes)
+
+
+def check_workers_fit(scaling: ScalingConfig, nodes_fixed: bool) -> None:
+    """Stop (``nodes_fixed``: a Ray started here) or warn when ``scaling.num_workers`` workers of
+    :func:`worker_resources` do not fit the cluster's live nodes."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    per_worker = worker_resources(scaling)
+    if workers_that_fit(nodes, per_worker) >= scaling.num_workers:
+        return
+    asked = " and ".join(f"{_number(need)} {name}" for name, need in per_worker.items())
+    cpus = sum(node.get("CPU", 0.0) for node in nodes)
+    gpus = sum(node.get("GPU", 0.0) for node in nodes)
+    have = f"{len(nodes)} node(s) with {_number(cpus)} CPU(s) and {_number(gpus)} GPU(s) in all"
+    message = (f"scaling: {scaling.num_workers} worker(s) of {asked} each do not fit this Ray cluster ({have}); "
+               f"lower scaling.num_workers or scaling.cpus_per_worker"
+               + (", or set scaling.use_gpu=false" if scaling.use_gpu else ""))
+    if nodes_fixed:
+        raise UserError(message)
+    print(f"[curvlt] {message}. Ray Train waits for the cluster to grow (an autoscaler adding nodes).",
+          file=sys.stderr, flush=True)
+
+
+def check_dataset_loads(config: ExperimentConfig) -> None:
+    """Build the run's dataset once in the driver: a missing dataset stops here with its one-line
+    message, and a download happens once rather than in every worker at the same time. Only for a
+    Ray on this machine, whose workers read the same files."""
+    from orchestrator.data.datasets import build_dataset
+
+    build_dataset(config.dataset, config.seed)
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"

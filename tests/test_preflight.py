@@ -1,0 +1,89 @@
+"""A run that cannot start stops in the driver with one line, before any MLflow run or Ray Train
+worker exists: workers the cluster cannot hold, a dataset not found or not downloadable, and on a
+joined cluster a worker's own ``UserError`` (issue: training, "bad input gets a clear one-line
+error")."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from torchvision.datasets import CIFAR10, FashionMNIST
+
+from conftest import free_port
+from orchestrator import ray_env, trainer
+from orchestrator.config import DatasetConfig, load_config
+from orchestrator.data import datasets
+from orchestrator.errors import UserError
+from orchestrator.preflight import workers_that_fit
+from test_training import curvlt
+
+
+def test_workers_that_fit_counts_whole_workers_per_node():
+    assert workers_that_fit([{"CPU": 2.0}], {"CPU": 4.0}) == 0
+    assert workers_that_fit([{"CPU": 2.0}], {"CPU": 1.0}) == 2
+    assert workers_that_fit([{"CPU": 3.0}, {"CPU": 3.0}], {"CPU": 2.0}) == 2  # a worker lies on one node
+    assert workers_that_fit([{"CPU": 16.0, "GPU": 1.0}], {"CPU": 4.0, "GPU": 1.0}) == 1
+    assert workers_that_fit([{"CPU": 16.0, "GPU": 1.0}], {"CPU": 1.0, "GPU": 0.25}) == 4
+    assert workers_that_fit([{"CPU": 16.0}], {"CPU": 1.0, "GPU": 1.0}) == 0
+    assert workers_that_fit([{"CPU": 0.3}], {"CPU": 0.1}) == 3  # Ray's resource units are 1e-4
+
+
+def runs_in(store: Path) -> int:
+    if not store.exists():
+        return 0
+    client = MlflowClient(f"sqlite:///{store}")
+    return sum(len(client.search_runs([experiment.experiment_id])) for experiment in client.search_experiments())
+
+
+def test_workers_the_machine_cannot_hold_stop_at_once(tmp_path):
+    """The bundled GPU config, with more workers than any test machine has: before this check Ray
+    Train waited 60 s for the workers, printed its traceback and retried."""
+    store = tmp_path / "mlflow.db"
+    start = time.time()
+    result = curvlt("train", "cifar10_lt", "--set", "scaling.num_workers=4096", "--set",
+                    f"mlflow.tracking_uri=sqlite:///{store}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("curvlt: error: scaling: 4096 worker(s) of 4 CPU and 1 GPU each do not fit this Ray cluster")
+    assert last.endswith("or set scaling.use_gpu=false")
+    assert runs_in(store) == 0 and time.time() - start < 50
+
+
+def test_missing_dataset_stops_in_the_driver(tmp_path):
+    store = tmp_path / "mlflow.db"
+    result = curvlt("train", "cifar10_lt", "--set", f"dataset.root={tmp_path / 'no-data'}", "--set",
+                    "dataset.download=false", "--set", "scaling.use_gpu=false", "--set", "scaling.cpus_per_worker=1",
+                    "--set", f"mlflow.tracking_uri=sqlite:///{store}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("curvlt: error: dataset cifar10_lt: not found under")
+    assert "Traceback" not in result.stderr and "RayTrainWorker" not in result.stderr  # no worker started
+    assert runs_in(store) == 0
+
+
+def test_failed_downloads_are_one_line(tmp_path, monkeypatch):
+    """No network (here: a closed port on 127.0.0.1) gives one line naming the dataset and folder,
+    for CIFAR and for Fashion-MNIST without the Debian package's files."""
+    closed = f"http://127.0.0.1:{free_port()}/"
+    monkeypatch.setattr(CIFAR10, "url", closed + "cifar-10-python.tar.gz")
+    with pytest.raises(UserError, match=r"dataset cifar10_lt: could not download it to .*check the network"):
+        datasets.build_dataset(DatasetConfig(name="cifar10_lt", root=str(tmp_path), download=True), 0)
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(FashionMNIST, "mirrors", [closed])
+    with pytest.raises(UserError, match=r"dataset fashion_mnist_lt: could not download it to "):
+        datasets.build_dataset(DatasetConfig(name="fashion_mnist_lt", root=str(tmp_path), download=True), 0)
+
+
+def test_a_workers_user_error_reaches_the_driver_as_one(tmp_path, monkeypatch):
+    """On a joined cluster the driver does not load the data (its node may not hold it); a worker
+    that cannot find it fails, and its ``UserError`` is what the driver raises."""
+    config = load_config("cifar10_lt", [f"dataset.root={tmp_path / 'no-data'}", "dataset.download=false",
+                                        "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
+                                        "checkpoint.max_failures=0", f"checkpoint.storage_path={tmp_path / 'runs'}",
+                                        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    ray_env.ensure_ray()
+    monkeypatch.setattr(ray_env, "_started_here", False)
+    with pytest.raises(UserError, match="dataset cifar10_lt: not found under"):
+        trainer.train(config)
