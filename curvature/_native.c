@@ -31,9 +31,11 @@
 #ifdef _OPENMP
 #include <omp.h>
 #define THREAD_ID omp_get_thread_num()
+#define TEAM_SIZE omp_get_num_threads()
 #define MAX_THREADS omp_get_max_threads()
 #else
 #define THREAD_ID 0
+#define TEAM_SIZE 1
 #define MAX_THREADS 1
 #endif
 
@@ -243,45 +245,55 @@ static void pair_edge_backward(int64_t e, int d, int m, int64_t width, const dou
     }
 }
 
-/* Zeroed accumulators of `size` doubles for threads 1 .. threads - 1 (thread 0 adds into the
- * output), or NULL, with *threads set to 1, for one thread or when memory is short. */
-static double *thread_buffers(int *threads, int64_t size) {
-    double *extra = *threads > 1 ? calloc((size_t)(*threads - 1) * (size_t)size, sizeof(double)) : NULL;
-    if (!extra) *threads = 1;
-    return extra;
-}
-
-/* Adds elements offset .. offset + count - 1 of each thread's accumulator (`size` doubles each in
- * `extra`) into `out`. */
-static void reduce_buffers(int threads, int64_t size, const double *extra, int64_t offset, int64_t count,
-                           double *out) {
-    for (int t = 1; t < threads; ++t) {
-        const double *part = extra + (t - 1) * size + offset;
-        for (int64_t idx = 0; idx < count; ++idx) out[idx] += part[idx];
+/* Splits items 0 .. count - 1 into `parts` ranges [start[t], start[t + 1]) of about equal length,
+ * each bound moved forward to where `key` changes, so that all items of one key fall in one range;
+ * returns 0 (and splits nothing) unless `key` is non-decreasing. A thread that takes one range is
+ * then the only one to write what belongs to its keys, and needs no copy of its own to add into. */
+static int split_by_key(int64_t count, const int64_t *key, int parts, int64_t *start) {
+    for (int64_t item = 1; item < count; ++item)
+        if (key[item] < key[item - 1]) return 0;
+    start[0] = 0;
+    for (int t = 1; t < parts; ++t) {
+        int64_t bound = count * t / parts;
+        while (bound > 0 && bound < count && key[bound] == key[bound - 1]) ++bound;
+        start[t] = bound > start[t - 1] ? bound : start[t - 1];
     }
+    start[parts] = count;
+    return 1;
 }
 
 /* Adds the gradients of sum_e grad_theta[e] * theta[e] to grad_coef (n, m, d) and grad_inner
- * (n, width, d), from what curvlt_pair_forward kept in `saved`. Edges share points, so each thread
- * adds into its own copy of both, summed at the end. */
+ * (n, width, d), from what curvlt_pair_forward kept in `saved`. Edge (i, j) adds to grad_inner of
+ * point i = own[e] alone, and own[] is non-decreasing (curvlt_undirected_edges lists the edges point
+ * by point), so each thread takes the edges of a run of points and adds into grad_inner directly.
+ * Its additions to grad_coef of j = other[e] go to a copy per thread (n m d doubles, W / m times
+ * fewer than grad_inner), summed at the end. Edges in another order run on one thread. */
 VECTOR_CLONES void curvlt_pair_backward(int64_t edges, int64_t n, int d, int m, int64_t width, const double *coef,
                                         const double *inner, const int64_t *slots, const int64_t *own,
                                         const int64_t *other, const double *saved, const double *grad_theta,
                                         double *grad_coef, double *grad_inner) {
-    int64_t coef_size = n * m * d, size = coef_size + n * width * d;
+    int64_t coef_size = n * m * d;
     int threads = edges > 4 * LANES ? MAX_THREADS : 1;
-    double *extra = thread_buffers(&threads, size);
+    int64_t start[threads + 1];
+    double *extra = NULL;
+    if (threads > 1 && split_by_key(edges, own, threads, start))
+        extra = calloc((size_t)(threads - 1) * (size_t)coef_size, sizeof(double));
+    if (!extra) { /* one thread: the edges were not in point order, or memory is short */
+        threads = 1;
+        start[0] = 0;
+        start[1] = edges;
+    }
 #pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-        int t = THREAD_ID;
-        double *gc = t == 0 ? grad_coef : extra + (t - 1) * size, *gi = t == 0 ? grad_inner : gc + coef_size;
-#pragma omp for schedule(static)
-        for (int64_t e = 0; e < edges; ++e)
-            pair_edge_backward(e, d, m, width, coef, inner, slots, own, other, saved, grad_theta, gc, gi);
+    for (int t = THREAD_ID; t < threads; t += TEAM_SIZE) { /* range t, and its copy, by one thread */
+        double *gc = t == 0 ? grad_coef : extra + (t - 1) * coef_size;
+        for (int64_t e = start[t]; e < start[t + 1]; ++e)
+            pair_edge_backward(e, d, m, width, coef, inner, slots, own, other, saved, grad_theta, gc, grad_inner);
     }
     if (!extra) return;
-    reduce_buffers(threads, size, extra, 0, coef_size, grad_coef);
-    reduce_buffers(threads, size, extra, coef_size, size - coef_size, grad_inner);
+    for (int t = 1; t < threads; ++t) {
+        const double *part = extra + (t - 1) * coef_size;
+        for (int64_t idx = 0; idx < coef_size; ++idx) grad_coef[idx] += part[idx];
+    }
     free(extra);
 }
 
@@ -475,26 +487,25 @@ static void patch_point_backward(int64_t r, int m, int d, int64_t width, const d
 /* Adds to grad_grams (B, width, width) the gradient of <grad_coef, A> + <grad_inner, S> through
  * S = K[:, P] A, A = H U[:, :d] diag(s(lambda)) and the eigen-decomposition of C = H K[P, P] H, whose
  * backward is curvature._linalg._SymmetricEigh's: dC = V (F o V^T dV + diag(d lambda)) V^T,
- * symmetrised, F_ij = 1 / (lambda_j - lambda_i) with gaps clamped at 100 eps max|lambda|. Points
- * of one cloud add into the same Gram matrix, so each thread adds into its own copy of grad_grams. */
-VECTOR_CLONES void curvlt_patch_backward(int64_t n, int64_t clouds, int m, int d, int64_t width,
-                                         const double *grams, const int64_t *block, const int64_t *slots,
-                                         const double *evals, const double *evecs, const double *coef,
-                                         const double *grad_coef, const double *grad_inner, double *grad_grams) {
-    int64_t size = clouds * width * width;
+ * symmetrised, F_ij = 1 / (lambda_j - lambda_i) with gaps clamped at 100 eps max|lambda|. A point adds
+ * into its own cloud's Gram matrix alone, and the points come cloud by cloud, so each thread takes
+ * the points of a run of clouds and adds directly (points in another order run on one thread). */
+VECTOR_CLONES void curvlt_patch_backward(int64_t n, int m, int d, int64_t width, const double *grams,
+                                         const int64_t *block, const int64_t *slots, const double *evals,
+                                         const double *evecs, const double *coef, const double *grad_coef,
+                                         const double *grad_inner, double *grad_grams) {
     int threads = n > 32 ? MAX_THREADS : 1;
-    double *extra = thread_buffers(&threads, size);
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-        int t = THREAD_ID;
-        double *mine = t == 0 ? grad_grams : extra + (t - 1) * size;
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < n; ++r)
-            patch_point_backward(r, m, d, width, grams, block, slots, evals, evecs, coef, grad_coef, grad_inner, mine);
+    int64_t start[threads + 1];
+    if (!(threads > 1 && split_by_key(n, block, threads, start))) {
+        threads = 1;
+        start[0] = 0;
+        start[1] = n;
     }
-    if (!extra) return;
-    reduce_buffers(threads, size, extra, 0, size, grad_grams);
-    free(extra);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    for (int t = THREAD_ID; t < threads; t += TEAM_SIZE) /* a team smaller than asked takes several ranges */
+        for (int64_t r = start[t]; r < start[t + 1]; ++r)
+            patch_point_backward(r, m, d, width, grams, block, slots, evals, evecs, coef, grad_coef, grad_inner,
+                                 grad_grams);
 }
 
 /* Each neighbour pair once, as curvature.gram_rotation._undirected_edges gives them (in another

@@ -43,8 +43,7 @@ _FUNCTIONS = {
     "curvlt_eigh": [ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 3,
     "curvlt_patch_spectra": [ctypes.c_int64, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 5,
     "curvlt_patch_forward": [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 8,
-    "curvlt_patch_backward": [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
-                             + [ctypes.c_void_p] * 9,
+    "curvlt_patch_backward": [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 9,
     "curvlt_undirected_edges": [ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 5,
 }
 
@@ -248,7 +247,7 @@ class _PatchCoefficients(torch.autograd.Function):
                       else grad_inner.double().contiguous())
         grad_grams = torch.zeros_like(grams)
         operands = (grams, blocks, patches, evals, evecs, coefficients, grad_coefficients, grad_inner, grad_grams)
-        library().curvlt_patch_backward(n, grams.shape[0], m, dim, grams.shape[1], *map(_pointer, operands))
+        library().curvlt_patch_backward(n, m, dim, grams.shape[1], *map(_pointer, operands))
         return grad_grams, None, None, None, None, None
 
 
