@@ -223,3 +223,37 @@ def test_kernels_fit_a_small_thread_stack():
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
     assert run.returncode == 0 and run.stdout.strip() == "[True]", (run.returncode, run.stderr[-500:])
+
+
+def test_backward_passes_in_any_order_of_points_and_pairs(rng):
+    """The backward passes split their work by cloud and by the pairs' first point, which come in
+    that order from CR's lists; given in another order (a caller's own lists) they run on one
+    thread, with the same gradients up to the order of summation."""
+    from curvature.gram_rotation import pair_operands
+
+    batch, members, indices = cr_like_clouds(rng)
+    valid = torch.zeros(batch.shape[:2], dtype=torch.bool).flatten().index_fill(0, members, True).reshape(2, -1)
+    weights = torch.tensor(rng.normal(size=len(members)))
+    shuffle = torch.Generator().manual_seed(0)
+
+    def gradient(points_order: torch.Tensor, shuffle_pairs: bool) -> torch.Tensor:
+        """d/dpoints of a weighted sum of the angles, the points (rows) listed in ``points_order``."""
+        row_of = points_order.argsort()  # old row -> new row
+        shuffled_members, shuffled_indices = members[points_order], row_of[indices[points_order]]
+        points = batch.clone().requires_grad_()
+        patches = gram_patches(cloud_grams(points, valid), shuffled_members, shuffled_indices)
+        pairs = pair_operands(patches, shuffled_indices, 3)
+        order = torch.randperm(len(pairs.own), generator=shuffle) if shuffle_pairs else torch.arange(len(pairs.own))
+        theta = _native.pair_angles(pairs.coefficients, pairs.inner, patches.patches, pairs.has_direction,
+                                    pairs.own[order], pairs.other[order], torch.finfo(torch.float64).eps)
+        theta = torch.empty_like(theta).index_copy(0, order, theta)  # back in pair order
+        angle = theta.index_select(0, pairs.which).reshape(-1, indices.shape[1]).mean(dim=1)
+        (angle * weights[points_order]).sum().backward()
+        return points.grad
+
+    in_order = gradient(torch.arange(len(members)), False)
+    shuffled_points = torch.randperm(len(members), generator=shuffle)
+    assert not bool((members[shuffled_points].diff() >= 0).all())  # clouds no longer one after the other
+    # Up to the order of summation, as in test_threads_split_the_work_without_changing_the_result.
+    torch.testing.assert_close(gradient(torch.arange(len(members)), True), in_order, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gradient(shuffled_points, False), in_order, rtol=1e-5, atol=1e-7)
