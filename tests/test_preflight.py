@@ -5,6 +5,9 @@ error")."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,12 +16,13 @@ from mlflow.tracking import MlflowClient
 from torchvision.datasets import CIFAR10, FashionMNIST
 
 from conftest import free_port
-from orchestrator import ray_env, trainer
-from orchestrator.config import DatasetConfig, load_config
+from orchestrator.config import DatasetConfig
 from orchestrator.data import datasets
 from orchestrator.errors import UserError
 from orchestrator.preflight import workers_that_fit
 from test_training import curvlt
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_workers_that_fit_counts_whole_workers_per_node():
@@ -76,14 +80,29 @@ def test_failed_downloads_are_one_line(tmp_path, monkeypatch):
         datasets.build_dataset(DatasetConfig(name="fashion_mnist_lt", root=str(tmp_path), download=True), 0)
 
 
-def test_a_workers_user_error_reaches_the_driver_as_one(tmp_path, monkeypatch):
+JOINED_DRIVER = """
+from orchestrator import ray_env, trainer
+from orchestrator.config import load_config
+from orchestrator.errors import UserError
+config = load_config("cifar10_lt", {overrides!r})
+ray_env.ensure_ray()
+ray_env._started_here = False  # as a driver that joined a cluster: the workers load the data
+try:
+    trainer.train(config)
+except UserError as error:
+    print("UserError:", error)
+"""
+
+
+def test_a_workers_user_error_reaches_the_driver_as_one(tmp_path):
     """On a joined cluster the driver does not load the data (its node may not hold it); a worker
-    that cannot find it fails, and its ``UserError`` is what the driver raises."""
-    config = load_config("cifar10_lt", [f"dataset.root={tmp_path / 'no-data'}", "dataset.download=false",
-                                        "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
-                                        "checkpoint.max_failures=0", f"checkpoint.storage_path={tmp_path / 'runs'}",
-                                        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
-    ray_env.ensure_ray()
-    monkeypatch.setattr(ray_env, "_started_here", False)
-    with pytest.raises(UserError, match="dataset cifar10_lt: not found under"):
-        trainer.train(config)
+    that cannot find it fails, and its ``UserError`` is what the driver raises. The driver runs in
+    its own process, as ``curvlt train`` does: with the run inside the test process, a later test
+    hung in one CI run, waiting on Ray's key-value store."""
+    overrides = [f"dataset.root={tmp_path / 'no-data'}", "dataset.download=false", "scaling.use_gpu=false",
+                 "scaling.cpus_per_worker=1", "checkpoint.max_failures=0", f"checkpoint.storage_path={tmp_path / 'runs'}",
+                 f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    run = subprocess.run([sys.executable, "-c", JOINED_DRIVER.format(overrides=overrides)], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1].startswith("UserError: dataset cifar10_lt: not found under")
