@@ -31,7 +31,7 @@ class Scheduler:
 @dataclass
 class SearchSpace:
     name: str
-    base: str | list[str]
+    base: list[str]  # config names or paths (a single base is a list of one)
     experiment: str
     fixed: dict[str, Any]
     params: dict[str, dict[str, Any]]  # key -> {distribution: args}
