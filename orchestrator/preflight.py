@@ -18,6 +18,7 @@ import ray
 
 from orchestrator.config import ExperimentConfig, ScalingConfig
 from orchestrator.errors import UserError
+from orchestrator.ray_env import started_here
 
 
 def worker_resources(scaling: ScalingConfig) -> dict[str, float]:
@@ -36,9 +37,9 @@ def workers_that_fit(nodes: list[dict[str, float]], per_worker: dict[str, float]
     return sum(on(node) for node in nodes)
 
 
-def check_workers_fit(scaling: ScalingConfig, nodes_fixed: bool) -> None:
-    """Stop (``nodes_fixed``: a Ray started here) or warn when ``scaling.num_workers`` workers of
-    :func:`worker_resources` do not fit the cluster's live nodes."""
+def check_workers_fit(scaling: ScalingConfig) -> None:
+    """Stop (on a Ray started here, whose nodes are all there will be) or warn when
+    ``scaling.num_workers`` workers of :func:`worker_resources` do not fit the cluster's live nodes."""
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     per_worker = worker_resources(scaling)
     if workers_that_fit(nodes, per_worker) >= scaling.num_workers:
@@ -50,19 +51,22 @@ def check_workers_fit(scaling: ScalingConfig, nodes_fixed: bool) -> None:
     message = (f"scaling: {scaling.num_workers} worker(s) of {asked} each do not fit this Ray cluster ({have}); "
                f"lower scaling.num_workers or scaling.cpus_per_worker"
                + (", or set scaling.use_gpu=false" if scaling.use_gpu else ""))
-    if nodes_fixed:
+    if started_here():
         raise UserError(message)
     print(f"[curvlt] {message}. Ray Train waits for the cluster to grow (an autoscaler adding nodes).",
           file=sys.stderr, flush=True)
 
 
-def check_dataset_loads(config: ExperimentConfig) -> None:
-    """Build the run's dataset once in the driver: a missing dataset stops here with its one-line
-    message, and a download happens once rather than in every worker at the same time. Only for a
-    Ray on this machine, whose workers read the same files."""
-    from orchestrator.data.datasets import build_dataset
+def check_run_can_start(config: ExperimentConfig) -> None:
+    """Everything above for one run, on the Ray this process is connected to. On a Ray started here
+    the driver also builds the run's dataset once, as its workers (on this machine, reading the
+    same files) will: a missing dataset stops here with its one-line message, and a download
+    happens once rather than in every worker at the same time."""
+    check_workers_fit(config.scaling)
+    if started_here():
+        from orchestrator.data.datasets import build_dataset
 
-    build_dataset(config.dataset, config.seed)
+        build_dataset(config.dataset, config.seed)
 
 
 def _number(value: float) -> str:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator.errors import UserError
 from orchestrator.preflight import check_workers_fit
-from orchestrator.ray_env import ensure_ray, started_here
+from orchestrator.ray_env import ensure_ray
 from orchestrator.search_space import SearchSpace, count_trials, trial_config, tune_param_space
 from orchestrator.tracking import (SWEEP_TAG, check_reachable, experiment_id, experiment_runs, finish_run,
                                    resolve_tracking_uri)
@@ -94,7 +94,7 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> Swe
     sweep_id = folder.name
     ensure_ray()
     for base in space.base:  # a trial whose workers the cluster cannot hold would wait, then fail, in turn
-        check_workers_fit(trial_config(space, base, {}, cli_overrides).scaling, nodes_fixed=started_here())
+        check_workers_fit(trial_config(space, base, {}, cli_overrides).scaling)
     trainable = tune.with_resources(tune.with_parameters(SweepTrial, space=space, cli_overrides=cli_overrides,
                                                          sweep_id=sweep_id), TRIAL_DRIVER_RESOURCES)
     if resume:

@@ -59,7 +59,10 @@ def check_store_exists(uri: str) -> None:
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Stop before any training when the tracking server does not answer."""
-    if uri.startswith(("http://", "https://")):
+    database = sqlite_file(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    elif uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
                 if response.status != 200:
@@ -68,8 +71,6 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             reason = getattr(exc, "reason", exc)
             raise UserError(f"mlflow.tracking_uri: cannot reach the MLflow server at {redact(uri)} ({reason}); "
                             f"start one with 'mlflow server --host 127.0.0.1 --port 5000' or fix the URI") from None
-    elif sqlite_file(uri) is not None:
-        sqlite_file(uri).parent.mkdir(parents=True, exist_ok=True)
 
 
 def client(uri: str):

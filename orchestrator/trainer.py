@@ -16,8 +16,8 @@ import pandas as pd
 from orchestrator.config import ExperimentConfig
 from orchestrator.plots import accuracy_vs_curvature, correlations_over_epochs
 from orchestrator.errors import UserError
-from orchestrator.preflight import check_dataset_loads, check_workers_fit, worker_resources
-from orchestrator.ray_env import ensure_ray, started_here
+from orchestrator.preflight import check_run_can_start, worker_resources
+from orchestrator.ray_env import ensure_ray
 from orchestrator.run_heartbeat import Heartbeat
 from orchestrator.run_resume import STORAGE_TAG, check_checkpoints_found, claim, run_to_resume
 from orchestrator.tracking import (RUN_KEY_TAG, check_reachable, client, find_run, finish_run, resolve_tracking_uri,
@@ -75,10 +75,8 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
     if existing is not None and existing.info.status == "FINISHED":
         return TrainingOutcome(existing.info.run_id, uri, existing.data.tags.get("curvlt.checkpoint"),
                                dict(existing.data.metrics), trained=False)
-    ensure_ray()  # checked before a run is created or claimed: a run that cannot start leaves no trace
-    check_workers_fit(config.scaling, nodes_fixed=started_here())
-    if started_here():
-        check_dataset_loads(config)
+    ensure_ray()
+    check_run_can_start(config)  # before a run is created or claimed: a run that cannot start leaves no trace
     if resume is not None:
         claim(uri, existing.info.run_id)
     if existing is not None:
@@ -110,7 +108,7 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
         if run_key is None:
             print(f"[curvlt] run {run_id} ended {status}; the same command with --resume {run_id} continues it "
                   f"from its last checkpoint", file=sys.stderr, flush=True)
-        raise_user_error_of_workers(sys.exc_info()[1])
+        _raise_user_error_of_workers(sys.exc_info()[1])
         raise
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     log_plots(uri, run_id, config)
@@ -118,7 +116,7 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
     return TrainingOutcome(run_id, uri, checkpoint_path, latest_metrics(uri, run_id))
 
 
-def raise_user_error_of_workers(error: BaseException | None) -> None:
+def _raise_user_error_of_workers(error: BaseException | None) -> None:
     """A worker's :class:`UserError` (a dataset not found on a cluster's node) raised again here, so
     that the command line ends with its one line rather than Ray Train's report of every worker."""
     from ray.train import WorkerGroupError
