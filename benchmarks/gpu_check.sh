@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, as one command, for a machine that has one and PyTorch
 # (Ray, MLflow and FAISS are not needed, so it also runs on a bare GPU box with the repository
-# copied over): the CUDA-parametrized tests of curvature/ and CR, then the GPU rows of the
-# training benchmark (ResNet-32 CR overhead) and of the geometry benchmark.
+# copied over): the CUDA-parametrized tests of curvature/ and CR, then CR's patch eigen-problems
+# (cuSOLVER against the round-robin Triton kernel), the GPU rows of the training benchmark
+# (ResNet-32 CR overhead) and of the geometry benchmark.
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=... to pick the interpreter
 #
@@ -19,6 +20,7 @@ log="${OUT:-/tmp}/gpu_check.log"
     "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda and not faiss" tests/test_tangent_rotation.py \
         tests/test_class_geometry.py tests/test_quadratic.py tests/test_neighbours.py tests/test_gram_rotation.py \
         tests/test_linalg.py tests/test_regularizer.py tests/test_graphed.py tests/test_jacobi_triton.py
+    "$PYTHON" benchmarks/patch_eigh.py
     "$PYTHON" benchmarks/training.py --gpu-only
     "$PYTHON" benchmarks/geometry.py --cuda-only
 } 2>&1 | tee "$log"

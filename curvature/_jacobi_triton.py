@@ -19,6 +19,18 @@ thread the work per thread grows as n³ while the threads stay as many as the ma
 sizes lose: 136,000 of 8 x 8, 24.1 against 5.6 ms (float32); 13,600 of 11 x 11, 6.2 against 2.7 ms
 (float64). So only sizes up to :data:`MAX_SIZE` come here (d <= 4 pair matrices; d = 1 and 2 have
 closed forms in :mod:`curvature._linalg` anyway).
+
+For the patch problems (13,600 of 11 x 11 per step, cuSOLVER 2.7 ms and a wait on the GPU),
+:func:`round_robin_eigh` gives each matrix a warp instead of a thread: the matrix, padded to a power
+of two, stays in registers, and each round turns n/2 disjoint pairs of rows and columns at once, in
+the round-robin order of Brent & Luk ("The solution of singular-value and symmetric eigenvalue
+problems on multiprocessor arrays", SIAM J. Sci. Stat. Comput. 6, 1985), so that a sweep is n - 1
+rounds of whole-matrix operations. Compiled offline for sm_90 (Triton 3.8, no GPU): 150 registers
+per thread in float64 and no spills, about 810 instructions per round; in Triton's interpreter CR's
+11 x 11 patch matrices converge in 5 sweeps (75 rounds). 13,600 of them are then some 0.8 billion
+warp instructions, 0.8 ms on an H200 if issuing them were the only limit, so a first estimate is
+1-1.5 ms. It has not run on a GPU yet, so nothing is routed to it: ``benchmarks/patch_eigh.py``
+times it against cuSOLVER on CR's own patch matrices.
 """
 
 from __future__ import annotations
@@ -34,6 +46,9 @@ MAX_SIZE = 4
 MAX_SWEEPS = 20
 #: Matrices per program: one per thread of a single warp.
 LANES = 32
+#: Largest matrix size :func:`round_robin_eigh` takes: at 16 x 16 a warp holds the matrix and its
+#: eigenvectors in 8 float64 values per thread each (16 registers).
+MAX_ROUND_ROBIN_SIZE = 16
 
 
 @triton.jit
@@ -113,5 +128,85 @@ def jacobi_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tol = 4 * torch.finfo(matrices.dtype).eps
         _jacobi[(triton.cdiv(count, LANES),)](work, evals, evecs, count, tol, N=n, MAX_SWEEPS=MAX_SWEEPS,
                                               LANES=LANES, num_warps=1)
+    return _ascending(evals, evecs)
+
+
+@triton.jit
+def _round_partner(rows, round_index, BLOCK: tl.constexpr):
+    """Each index's partner in round ``round_index`` of a round-robin tournament of BLOCK players
+    (BLOCK even): player 0 stays at seat 0, the others move one seat per round, and seat s plays
+    seat BLOCK - 1 - s, so that over BLOCK - 1 rounds every pair meets once."""
+    last = BLOCK - 1
+    seat = tl.where(rows == 0, 0, (rows - 1 - round_index + 2 * last) % last + 1)
+    facing = last - seat
+    return tl.where(facing == 0, 0, (facing - 1 + round_index) % last + 1)
+
+
+@triton.jit
+def _round_robin_jacobi(matrices, evals, evecs, n, tol, BLOCK: tl.constexpr, MAX_SWEEPS: tl.constexpr):
+    """Diagonalise matrix ``program_id`` (n x n, contiguous) in registers, padded with zeros to
+    BLOCK x BLOCK (padding is never rotated: its off-diagonal entries stay 0). Each round applies
+    ``A <- Jᵀ A J``, ``V <- V J`` for the rotation J of BLOCK / 2 disjoint pairs (p < q):
+    ``J_pp = J_qq = c``, ``J_pq = s``, ``J_qp = -s``, with c and s as in :func:`_jacobi`; since J
+    has two entries per row and column, each product is a scaling plus a gather of the partner's
+    column (or row)."""
+    matrix = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK)
+    row, col = rows[:, None], rows[None, :]
+    inside = (row < n) & (col < n)
+    start = matrix * n * n
+    a = tl.load(matrices + start + row * n + col, mask=inside, other=0.0)
+    v = tl.where(row == col, 1.0, 0.0).to(a.dtype)
+    on_diagonal = row == col
+    off = tl.sum(tl.sum(tl.where(on_diagonal, 0.0, a * a), axis=1), axis=0)
+    total = tl.sum(tl.sum(a * a, axis=1), axis=0)
+    sweep = 0
+    while (sweep < MAX_SWEEPS) & (off > 2.0 * tol * tol * total):
+        for round_index in range(BLOCK - 1):
+            partner = _round_partner(rows, round_index, BLOCK)
+            partner_col = col == partner[:, None]
+            diagonal = tl.sum(tl.where(on_diagonal, a, 0.0), axis=1)
+            partner_diagonal = tl.sum(tl.where(partner_col, diagonal[None, :], 0.0), axis=1)
+            # A_pq and A_qp averaged (the same sum in either order), so that rows p and q of a pair
+            # compute the same angle even where rounding left A slightly asymmetric
+            apq = 0.5 * (tl.sum(tl.where(partner_col, a, 0.0), axis=1)
+                         + tl.sum(tl.where(row == partner[None, :], a, 0.0), axis=0))
+            first = rows < partner
+            app = tl.where(first, diagonal, partner_diagonal)
+            aqq = tl.where(first, partner_diagonal, diagonal)
+            rotate = apq != 0.0
+            theta = (aqq - app) / tl.where(rotate, 2.0 * apq, 1.0)
+            t = tl.where(theta >= 0.0, 1.0, -1.0) / (tl.abs(theta) + tl.sqrt(theta * theta + 1.0))
+            t = tl.where(rotate, t, 0.0)
+            cos = 1.0 / tl.sqrt(t * t + 1.0)
+            sin = tl.where(first, t * cos, -t * cos)  # -J[partner r, r]
+            gather_cols = tl.broadcast_to(partner[None, :], (BLOCK, BLOCK))
+            a = a * cos[None, :] - tl.gather(a, gather_cols, 1) * sin[None, :]  # A J
+            v = v * cos[None, :] - tl.gather(v, gather_cols, 1) * sin[None, :]  # V J
+            a = a * cos[:, None] - tl.gather(a, tl.broadcast_to(partner[:, None], (BLOCK, BLOCK)), 0) * sin[:, None]
+        off = tl.sum(tl.sum(tl.where(on_diagonal, 0.0, a * a), axis=1), axis=0)
+        sweep += 1
+    tl.store(evals + matrix * n + rows, tl.sum(tl.where(on_diagonal, a, 0.0), axis=1), mask=rows < n)
+    tl.store(evecs + start + row * n + col, v, mask=inside)
+
+
+def round_robin_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`jacobi_eigh`'s result for a batch (B, n, n) of symmetric CUDA matrices with n up to
+    :data:`MAX_ROUND_ROBIN_SIZE`, one warp per matrix (see the module's docstring)."""
+    count, n = matrices.shape[0], matrices.shape[-1]
+    if not 1 <= n <= MAX_ROUND_ROBIN_SIZE:
+        raise ValueError(f"matrices: the round-robin kernel takes sizes 1 to {MAX_ROUND_ROBIN_SIZE}, got {n} x {n}")
+    flat = matrices.contiguous()
+    evals = flat.new_empty(count, n)
+    evecs = flat.new_empty(count, n, n)
+    if count > 0:
+        _round_robin_jacobi[(count,)](flat, evals, evecs, n, 4 * torch.finfo(flat.dtype).eps,
+                                      BLOCK=max(2, triton.next_power_of_2(n)), MAX_SWEEPS=MAX_SWEEPS, num_warps=1)
+    return _ascending(evals, evecs)
+
+
+def _ascending(evals: torch.Tensor, evecs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues sorted ascending, with their eigenvector columns."""
+    count, n = evals.shape
     evals, order = evals.sort(dim=-1)
     return evals, evecs.gather(-1, order[:, None, :].expand(count, n, n))

@@ -1,4 +1,4 @@
-"""The Triton Jacobi eigen-solver (curvature/_jacobi_triton.py) against ``torch.linalg.eigh``.
+"""The Triton Jacobi eigen-solvers (curvature/_jacobi_triton.py) against ``torch.linalg.eigh``.
 
 On CUDA the compiled kernel runs; on a machine without one, Triton's interpreter runs the same
 kernel on the CPU (in a subprocess, since ``TRITON_INTERPRET`` is read when Triton is imported).
@@ -57,63 +57,72 @@ INTERPRETED = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
 from test_jacobi_triton import check, hard_batch
-from curvature._jacobi_triton import jacobi_eigh
-for n in {sizes}:
-    for dtype in (torch.float32, torch.float64):
-        matrices = hard_batch(n, dtype)
-        evals, evecs = jacobi_eigh(matrices)
-        check(matrices, evals, evecs)
+from curvature import _jacobi_triton
+for solver, sizes in {cases}:
+    for n in sizes:
+        for dtype in (torch.float32, torch.float64):
+            matrices = hard_batch(n, dtype)
+            evals, evecs = getattr(_jacobi_triton, solver)(matrices)
+            check(matrices, evals, evecs)
 print(json.dumps("ok"))
 """
 
 
 def test_jacobi_matches_torch_eigh_in_triton_interpreter_on_cpu():
-    """The kernel's arithmetic, run by Triton's interpreter: sizes 1 (no rotation), 2 (one), 3 and 4
-    (CR's pair matrices at tangent dimensions 3 and 4)."""
-    script = INTERPRETED.format(tests=str(ROOT / "tests"), sizes=(1, 2, 3, 4))
+    """Both kernels' arithmetic, run by Triton's interpreter. The thread-per-matrix kernel: sizes 1
+    (no rotation), 2 (one), 3 and 4 (CR's pair matrices at tangent dimensions 3 and 4). The
+    round-robin kernel: 1 (padded to 2, nothing to turn), 5 (padded to 8), 11 (CR's patches at
+    k = 10, padded to 16) and 16 (no padding)."""
+    cases = (("jacobi_eigh", (1, 2, 3, 4)), ("round_robin_eigh", (1, 5, 11, 16)))
+    script = INTERPRETED.format(tests=str(ROOT / "tests"), cases=cases)
     environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == "ok"
 
 
+def solvers() -> list:
+    """(solver, largest size) of each kernel, imported only where a test runs (Triton may be absent)."""
+    from curvature._jacobi_triton import MAX_ROUND_ROBIN_SIZE, MAX_SIZE, jacobi_eigh, round_robin_eigh
+
+    return [(jacobi_eigh, MAX_SIZE), (round_robin_eigh, MAX_ROUND_ROBIN_SIZE)]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_jacobi_matches_torch_eigh_cuda():
-    """Every size CR sends to the kernel, both dtypes, and a batch of more than one program."""
-    from curvature._jacobi_triton import MAX_SIZE, jacobi_eigh
-
-    for n in range(1, MAX_SIZE + 1):
-        for dtype in (torch.float32, torch.float64):
-            matrices = hard_batch(n, dtype).cuda()
-            matrices = torch.cat([matrices] * 5)  # 55-60 matrices: two programs, the second partly masked
-            evals, evecs = jacobi_eigh(matrices)
-            check(matrices, evals, evecs)
+    """Every size each kernel takes, both dtypes, and more than one program."""
+    for solve, largest in solvers():
+        for n in range(1, largest + 1):
+            for dtype in (torch.float32, torch.float64):
+                matrices = hard_batch(n, dtype).cuda()
+                matrices = torch.cat([matrices] * 5)  # 55-60 matrices: two programs, the second partly masked
+                evals, evecs = solve(matrices)
+                check(matrices, evals, evecs)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_jacobi_is_captured_in_a_cuda_graph_and_replays():
-    """No host synchronisation inside: the call records into a CUDA graph, and a replay on new
-    input gives that input's decomposition."""
-    from curvature._jacobi_triton import jacobi_eigh
-
-    matrices = hard_batch(4, torch.float64).cuda()
-    jacobi_eigh(matrices)  # compile outside the capture
-    static = matrices.clone()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        jacobi_eigh(static)
-        with torch.cuda.graph(graph, stream=stream):
-            evals, evecs = jacobi_eigh(static)
-    torch.cuda.current_stream().wait_stream(stream)
-    other = hard_batch(4, torch.float64).flip(0).cuda()
-    static.copy_(other)
-    graph.replay()
-    torch.cuda.synchronize()
-    check(other, evals, evecs)
+    """No host synchronisation inside either kernel: the call records into a CUDA graph, and a
+    replay on new input gives that input's decomposition."""
+    for solve, largest in solvers():
+        matrices = hard_batch(largest, torch.float64).cuda()
+        solve(matrices)  # compile outside the capture
+        static = matrices.clone()
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            solve(static)
+            with torch.cuda.graph(graph, stream=stream):
+                evals, evecs = solve(static)
+        torch.cuda.current_stream().wait_stream(stream)
+        other = hard_batch(largest, torch.float64).flip(0).cuda()
+        static.copy_(other)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(other, evals, evecs)
 
 
 def test_eigh_falls_back_to_cusolver_when_the_kernel_fails(monkeypatch, device):
