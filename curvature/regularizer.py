@@ -20,6 +20,13 @@ whose queue changed since they were last measured. With many classes and small b
 1,000 classes, 32 images per GPU) that is a few dozen clouds instead of every class, every step;
 the loss and its gradient are the same as measuring every class (tested). When the auto dimension
 changes, the kept values, normalised with the old one, are measured again.
+
+``every`` > 1 makes CR lazy, as StyleGAN2 does with its R1 penalty (Karras et al., "Analyzing and
+Improving the Image Quality of StyleGAN", CVPR 2020, §3.1 "lazy regularization"): the loss is
+computed on one step in ``every`` and multiplied by ``every``, so that its gradient has about the
+weight it would have every step, while the queues still take every step's features. It trades
+CR's cost per step (on a GPU, 1.6-2.2x a ResNet-32 step; README, "Training step") for a departure
+from SPEC §4's loss at every step; the default, 1, is SPEC §4 exactly.
 """
 
 from __future__ import annotations
@@ -105,26 +112,33 @@ class CurvatureRegularizer(nn.Module):
     With ``weight == 0`` it does no queue or curvature work at all. ``cuda_graphs``: on a CUDA
     device, compute the loss by :class:`curvature.graphed.GraphedCurvature` (fixed shapes replayed
     as CUDA graphs; faster for a few hundred classes or fewer, see that module), falling back to the
-    eager path when the graphs are busy or cannot be captured.
+    eager path when the graphs are busy or cannot be captured. ``every``: compute the loss on the
+    first call of each epoch and every ``every``-th call after it, multiplied by ``every`` (lazy CR,
+    see the module's docstring); the calls between return a zero loss and only enqueue. Counting
+    from each epoch's first call makes the steps a run resumed at an epoch's end computes the same as
+    those of the run it continues.
     """
 
     def __init__(self, num_classes: int, feature_dim: int, *, weight: float = 0.0, balance_weight: float = 0.0,
                  k: int = 10, queue_size: int = 128, start_epoch: int = 0, tangent_dim: TangentDim = "auto",
-                 eps: float = 1e-6, gather: GatherFn = gather_from_all_workers, cuda_graphs: bool = False):
+                 eps: float = 1e-6, gather: GatherFn = gather_from_all_workers, cuda_graphs: bool = False,
+                 every: int = 1):
         super().__init__()
         checks = {"weight": weight >= 0, "balance_weight": balance_weight >= 0, "start_epoch": start_epoch >= 0,
-                  "eps": 0 < eps < 1, "k": isinstance(k, int) and k >= 2}
+                  "eps": 0 < eps < 1, "k": isinstance(k, int) and k >= 2,
+                  "every": isinstance(every, int) and not isinstance(every, bool) and every >= 1}
         for name, ok in checks.items():
             if not ok:
-                allowed = {"k": "an integer >= 2", "eps": "in (0, 1)"}.get(name, ">= 0")
+                allowed = {"k": "an integer >= 2", "eps": "in (0, 1)", "every": "an integer >= 1"}.get(name, ">= 0")
                 raise ValueError(f"cr.{name}: must be {allowed}, got {locals()[name]!r}")
         if tangent_dim != "auto" and (isinstance(tangent_dim, bool) or not isinstance(tangent_dim, int)
                                       or not 1 <= tangent_dim <= min(k, feature_dim)):
             raise ValueError(f"cr.tangent_dim: must be 'auto' or an integer in [1, {min(k, feature_dim)}], "
                              f"got {tangent_dim!r}")
         self.weight, self.balance_weight, self.k = weight, balance_weight, k
-        self.start_epoch, self.tangent_dim, self.eps = start_epoch, tangent_dim, eps
+        self.start_epoch, self.tangent_dim, self.eps, self.every = start_epoch, tangent_dim, eps, every
         self.num_classes = num_classes
+        self._epoch, self._calls_in_epoch = -1, 0  # which calls of an epoch compute the loss (``every``)
         self.queue = ClassFeatureQueue(num_classes, feature_dim, queue_size, gather)
         self.queue_curvature = QueueCurvature(num_classes, k)
         self.graphed = GraphedCurvature(self.queue, k, tangent_dim, eps, balance_weight) if cuda_graphs else None
@@ -142,10 +156,18 @@ class CurvatureRegularizer(nn.Module):
             # Until a class has k + 1 points the loss is a zero that is still attached to the
             # features, so ``result.loss.backward()`` works on its own from the first step.
             result.loss = features.float().sum() * 0.0
-            if epoch >= self.start_epoch:
+            if epoch >= self.start_epoch and self._due(epoch):
                 result = self._loss(features.float(), labels, result)
+                result.loss = result.loss * self.every if self.every > 1 else result.loss
             self.queue.enqueue(features, labels)
         return result
+
+    def _due(self, epoch: int) -> bool:
+        """Whether this call computes the loss: the first of its epoch, then every ``every``-th."""
+        if epoch != self._epoch:
+            self._epoch, self._calls_in_epoch = epoch, 0
+        self._calls_in_epoch += 1
+        return (self._calls_in_epoch - 1) % self.every == 0
 
     def _loss(self, features: torch.Tensor, labels: torch.Tensor, unmeasured: CRResult) -> CRResult:
         """On CUDA with a gradient to compute, :class:`GraphedCurvature` when its graphs are free;

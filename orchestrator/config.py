@@ -73,6 +73,7 @@ class CRConfig:
     start_epoch: int = 0
     tangent_dim: int | Literal["auto"] = "auto"
     cuda_graphs: bool = False  # on CUDA: CR's fixed-shape path replayed as CUDA graphs (curvature.graphed)
+    every: int = 1  # lazy CR: the loss on one step in `every`, times `every` (curvature.regularizer)
 
 
 @dataclass
@@ -162,6 +163,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "cr.k": (lambda v: v >= 3, ">= 3"),
     "cr.queue_size": _POSITIVE,
     "cr.start_epoch": _NON_NEGATIVE,
+    "cr.every": _POSITIVE,
     "cr.tangent_dim": (lambda v: v == "auto" or v >= 1, "'auto' or an integer >= 1"),
     "train.epochs": _POSITIVE,
     "train.batch_size": _POSITIVE,

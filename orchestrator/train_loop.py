@@ -74,7 +74,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     cr = CurvatureRegularizer(data.num_classes, feature_dim, weight=config.cr.weight,
                               balance_weight=config.cr.balance_weight, k=config.cr.k, queue_size=config.cr.queue_size,
                               start_epoch=config.cr.start_epoch, tangent_dim=config.cr.tangent_dim,
-                              cuda_graphs=config.cr.cuda_graphs).to(device)
+                              cuda_graphs=config.cr.cuda_graphs, every=config.cr.every).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.train.lr, momentum=config.train.momentum,
                                 weight_decay=config.train.weight_decay)
     per_worker_batch = max(1, config.train.batch_size // world_size)

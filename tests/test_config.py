@@ -44,6 +44,7 @@ def test_overrides_are_typed(tmp_path):
     ("train.epochs=2.5", "train.epochs: must be an integer"),
     ("train.epochs=0", "train.epochs: must be > 0, got 0"),
     ("cr.weight=-1", "cr.weight: must be >= 0"),
+    ("cr.every=0", "cr.every: must be > 0, got 0"),
     ("cr.tangent_dim=many", "cr.tangent_dim: must be an integer or 'auto'"),
     ("train.schedule=linear", "train.schedule: must be 'step' or 'cosine' or 'constant'"),
     ("train.amp=maybe", "train.amp: must be true or false"),

@@ -91,6 +91,29 @@ def test_start_epoch_delays_loss_but_fills_queue():
     assert cr.queue.count.tolist() == [8, 8]
 
 
+def test_lazy_cr_computes_every_nth_call_of_an_epoch_scaled():
+    """``every = 3``: calls 0 and 3 of an epoch give 3x the loss of a module computing every call
+    (same queues, since both enqueue every call), calls 1 and 2 a zero loss with zero gradient, and
+    a new epoch starts counting again at its first call."""
+    settings = {"weight": 1.0, "k": 5, "queue_size": 12, "tangent_dim": 2}
+    lazy, every_call = CurvatureRegularizer(4, 6, every=3, **settings), CurvatureRegularizer(4, 6, **settings)
+    generator = torch.Generator().manual_seed(0)
+    for epoch, calls in ((0, 5), (1, 1)):
+        for call in range(calls):
+            features = torch.randn(24, 6, generator=generator, requires_grad=True)
+            labels = torch.randint(0, 4, (24,), generator=generator)
+            lazy_result, reference = lazy(features, labels, epoch), every_call(features, labels, epoch)
+            lazy_result.loss.backward()
+            if call % 3 == 0:
+                assert float(reference.loss.detach()) > 0 and lazy_result.tangent_dim == 2
+                assert torch.allclose(lazy_result.loss, 3 * reference.loss)
+                assert torch.equal(lazy_result.class_curvature, reference.class_curvature)
+            else:
+                assert float(lazy_result.loss.detach()) == 0.0 and lazy_result.tangent_dim == 0
+                assert float(features.grad.abs().sum()) == 0.0
+    assert torch.equal(lazy.queue.queue, every_call.queue.queue)
+
+
 def test_zero_weight_does_no_work(monkeypatch):
     import curvature.regularizer as module
 
@@ -183,7 +206,7 @@ def test_loading_a_state_forgets_kept_curvatures():
                                reference(features, labels, epoch=0).class_curvature)
 
 
-@pytest.mark.parametrize("bad", [{"weight": -1.0}, {"k": 1}, {"tangent_dim": 0}, {"eps": 2.0}])
+@pytest.mark.parametrize("bad", [{"weight": -1.0}, {"k": 1}, {"tangent_dim": 0}, {"eps": 2.0}, {"every": 0}])
 def test_bad_hyperparameters(bad):
     with pytest.raises(ValueError, match="cr\\."):
         CurvatureRegularizer(3, 4, **bad)
