@@ -60,11 +60,13 @@ def main() -> None:
     scale = expected.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     print(f"\n{reference.shape[0]:,} centred patch Gram matrices of {reference.shape[-1]} x {reference.shape[-1]}"
           " (ResNet-32 / CIFAR-100 shapes, random features)\n")
-    print("| solver | dtype | best call, GPU synchronised (ms) | host gets the call back (ms) | max eigenvalue difference |")
+    print("| solver | dtype | best call, GPU synchronised (ms) | host gets the call back (ms) | "
+          "max eigenvalue difference |")
     print("|---|---|---:|---:|---:|")
     for dtype in (torch.float64, torch.float32):
         matrices = reference.to(dtype)
-        for name, solve in (("cuSOLVER (torch.linalg.eigh)", torch.linalg.eigh), ("round-robin Jacobi (Triton)", round_robin_eigh)):
+        solvers = (("cuSOLVER (torch.linalg.eigh)", torch.linalg.eigh), ("round-robin Jacobi (Triton)", round_robin_eigh))
+        for name, solve in solvers:
             evals = solve(matrices)[0]  # also compiles the kernel, outside the timing
             error = float(((evals.double() - expected).abs() / scale).max())
             best = best_time(lambda: solve(matrices), repeats=20, warmup=3)

@@ -222,9 +222,10 @@ def gpu_rows(name: str, model_name: str, config_name: str, input_shape: tuple[in
     config's base loss and CR settings (``queue_size`` overrides Q), one per tangent dimension (and
     ``every_class_too``, see :func:`compare`); ``other_workers``: the step is one worker's of a
     data-parallel run with that many more, whose batches (features of new random images, made
-    before timing) reach CR's queues as its all-gather would bring them; returns
-    :func:`host_bound` of each row (none with lazy CR, ``every`` > 1). The queues are filled with one new example of every class per
-    pass, since random batches of ``batch_size`` need not hold every class."""
+    before timing) reach CR's queues as its all-gather would bring them; ``every``: lazy CR's
+    ``cr.every``. Returns :func:`host_bound` of each row (none with lazy CR). The queues are filled
+    with one new example of every class per pass, since random batches of ``batch_size`` need not
+    hold every class."""
     device = torch.device("cuda")
     num_classes = len(counts)
     torch.manual_seed(0)
