@@ -37,6 +37,12 @@ def workers_that_fit(nodes: list[dict[str, float]], per_worker: dict[str, float]
     return sum(on(node) for node in nodes)
 
 
+def runs_that_fit(scaling: ScalingConfig) -> int:
+    """How many Ray Train runs of ``scaling`` the cluster's live nodes hold side by side."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    return workers_that_fit(nodes, worker_resources(scaling)) // scaling.num_workers
+
+
 def check_workers_fit(scaling: ScalingConfig) -> None:
     """Stop (on a Ray started here, whose nodes are all there will be) or warn when
     ``scaling.num_workers`` workers of :func:`worker_resources` do not fit the cluster's live nodes."""

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.errors import UserError
-from orchestrator.preflight import check_workers_fit
+from orchestrator.config import ExperimentConfig
+from orchestrator.preflight import check_workers_fit, runs_that_fit
 from orchestrator.ray_env import ensure_ray
 from orchestrator.search_space import SearchSpace, count_trials, trial_config, tune_param_space
 from orchestrator.tracking import (SWEEP_TAG, check_reachable, experiment_id, experiment_runs, finish_run,
@@ -43,13 +44,25 @@ def _scheduler(space: SearchSpace, epochs: int):
     return FIFOScheduler()
 
 
-def search_algorithm(space: SearchSpace) -> BasicVariantGenerator:
+def search_algorithm(space: SearchSpace, max_concurrent: int | None = None) -> BasicVariantGenerator:
     """Tune's variant generator, seeded with ``tune.seed`` so that a space's sampled values (choice,
     uniform, loguniform, randint) are the same in every sweep of it; it also keeps at most
-    ``max_concurrent_trials`` running, since Tune ignores its own limit when given a generator."""
+    ``max_concurrent`` (default ``max_concurrent_trials``) running, since Tune ignores its own
+    limit when given a generator."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(max_concurrent=space.max_concurrent_trials, random_state=space.sample_seed)
+    limit = space.max_concurrent_trials if max_concurrent is None else max_concurrent
+    return BasicVariantGenerator(max_concurrent=limit, random_state=space.sample_seed)
+
+
+def concurrent_trials(space: SearchSpace, configs: list[ExperimentConfig]) -> int:
+    """``max_concurrent_trials``, or where it is 0 ("as many as resources allow"), as many trials as
+    the cluster's live nodes hold at once, at least 1: the trial itself holds no CPU
+    (:data:`TRIAL_DRIVER_RESOURCES`), so Tune alone would start every trial at once, and the Ray
+    Train runs that found no room would wait, time out and fail."""
+    if space.max_concurrent_trials:
+        return space.max_concurrent_trials
+    return max(1, min(runs_that_fit(config.scaling) for config in configs))
 
 
 def latest_sweep(space: SearchSpace, root: Path) -> Path:
@@ -59,9 +72,11 @@ def latest_sweep(space: SearchSpace, root: Path) -> Path:
     return candidates[-1]
 
 
-#: The trial itself only drives a Ray Train run whose workers hold the real resources; Tune refuses
-#: an empty request, so it asks for a token share of a CPU.
-TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}
+#: The trial itself only drives a Ray Train run whose workers hold the real resources. Tune refuses
+#: an empty request, so it asks for one byte of memory: a token share of a CPU (it was 0.01) left a
+#: node that share short of a trial whose workers need all of its CPUs, and such a run never
+#: started (a 2-CPU worker on a 2-core machine: WorkerGroupStartupTimeoutError, again and again).
+TRIAL_DRIVER_RESOURCES = {"memory": 1}
 
 
 @dataclass
@@ -93,8 +108,10 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> Swe
     folder = latest_sweep(space, root) if resume else root / f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_id = folder.name
     ensure_ray()
-    for base in space.base:  # a trial whose workers the cluster cannot hold would wait, then fail, in turn
-        check_workers_fit(trial_config(space, base, {}, cli_overrides).scaling)
+    bases = [trial_config(space, base, {}, cli_overrides) for base in space.base]
+    for config in bases:  # a trial whose workers the cluster cannot hold would wait, then fail, in turn
+        check_workers_fit(config.scaling)
+    max_concurrent = concurrent_trials(space, bases)
     trainable = tune.with_resources(tune.with_parameters(SweepTrial, space=space, cli_overrides=cli_overrides,
                                                          sweep_id=sweep_id), TRIAL_DRIVER_RESOURCES)
     if resume:
@@ -105,15 +122,15 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> Swe
         tuner = tune.Tuner(
             trainable, param_space=tune_param_space(space),
             tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
-                                        search_alg=search_algorithm(space),
+                                        search_alg=search_algorithm(space, max_concurrent),
                                         scheduler=_scheduler(space, first.train.epochs)),
             run_config=tune.RunConfig(name=sweep_id, storage_path=str(folder.parent), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       # A trial's state is its Ray Train checkpoint and MLflow run;
                                       # Tune has nothing of its own to save.
                                       checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)))
-    print(f"[curvlt] sweep {sweep_id}: MLflow experiment {first.mlflow.experiment!r}; "
-          f"resume after an interruption with: curvlt tune {space.name} --resume", flush=True)
+    print(f"[curvlt] sweep {sweep_id}: MLflow experiment {first.mlflow.experiment!r}, up to {max_concurrent} "
+          f"trial(s) at a time; resume after an interruption with: curvlt tune {space.name} --resume", flush=True)
     results = tuner.fit()
     errors = [str(result.error).splitlines()[0] for result in results if result.error]
     if errors:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from orchestrator.config import add_overrides_argument
+from orchestrator.errors import UserError
 from orchestrator.search_space import count_trials, load_space
 
 
@@ -25,8 +26,10 @@ def run(args: argparse.Namespace) -> int:
     space = load_space(args.space, args.overrides)
     print(f"[curvlt] {space.name}: {count_trials(space)} trial(s) over {', '.join(space.base)}")
     outcome = run_sweep(space, args.overrides, args.resume)
-    table = compare_experiment(outcome.experiment)
-    print(render(table, "table"))
+    try:
+        print(render(compare_experiment(outcome.experiment), "table"))
+    except UserError as nothing_finished:  # stopped, or every trial failed, before one finished
+        print(f"[curvlt] no table: {nothing_finished}")
     if outcome.interrupted:
         print(f"curvlt: sweep interrupted after {outcome.ended} of {outcome.trials} trials; continue it with "
               f"curvlt tune {args.space} --resume", file=sys.stderr)

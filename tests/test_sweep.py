@@ -64,6 +64,25 @@ def test_tiny_sweep_then_compare_json(tmp_path):
     assert (tmp_path / "curvlt_compare" / "X" / "accuracy_vs_weight.png").is_file()
 
 
+def test_trials_that_need_every_cpu_run_one_at_a_time(tmp_path):
+    """A trial whose worker asks for all of this machine's CPUs, and no concurrency limit given:
+    each trial must find every CPU free (the trial itself holds none; with a 0.01-CPU token the
+    worker never started) and curvlt, not Tune, must run them one at a time (Tune alone started
+    both, and the second's workers timed out waiting)."""
+    from ray._private.utils import get_num_cpus  # the CPU count Ray gives the node it starts here
+
+    space = tmp_path / "whole_node.yaml"
+    space.write_text("base: digits_lt\nexperiment: whole-node\n"
+                     "fixed: {train.epochs: 2, eval.geometry_every: 0, cr.weight: 0.5, cr.start_epoch: 0}\n"
+                     "param_space: {seed: {grid: [0, 1]}}\n"
+                     f"tune: {{metric: test/acc, mode: max, resources_per_trial: {{cpu: {get_num_cpus()}}}}}\n")
+    result = curvlt("tune", str(space), cwd=tmp_path, timeout=300)  # ~50 s; with the old token it hung
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "up to 1 trial(s) at a time" in result.stdout
+    runs = sweep_runs(tmp_path / "mlflow.db", "whole-node")
+    assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
+
+
 def test_asha_stops_trials_early_and_releases_their_workers(tmp_path):
     # Two CPUs, two concurrent one-CPU trials: had a stopped trial kept its Ray Train workers, the
     # later trials could never start (WorkerGroupStartupTimeoutError) and the sweep would fail.
