@@ -39,7 +39,7 @@ class SearchSpace:
     mode: str = "max"
     scheduler: Scheduler = field(default_factory=Scheduler)
     num_samples: int = 1
-    max_concurrent_trials: int = 0  # 0 = as many as resources allow
+    max_concurrent_trials: int = 0  # 0 = as many as the live nodes hold (orchestrator.sweep.concurrent_trials)
     cpu_per_trial: float = 1.0
     gpu_per_trial: float = 0.0
     sample_seed: int = 0  # ``tune.seed``: the sampled values (choice, uniform, ...) repeat with it
