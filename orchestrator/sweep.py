@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.errors import UserError
 from orchestrator.config import ExperimentConfig
+from orchestrator.errors import UserError
 from orchestrator.preflight import check_workers_fit, runs_that_fit
 from orchestrator.ray_env import ensure_ray
 from orchestrator.search_space import SearchSpace, count_trials, trial_config, tune_param_space
