@@ -37,19 +37,22 @@ def workers_that_fit(nodes: list[dict[str, float]], per_worker: dict[str, float]
     return sum(on(node) for node in nodes)
 
 
+def _live_nodes() -> list[dict[str, float]]:
+    """Each live node's total resources."""
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
 def runs_that_fit(scaling: ScalingConfig) -> int:
     """How many Ray Train runs of ``scaling`` the cluster's live nodes hold side by side."""
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    return workers_that_fit(nodes, worker_resources(scaling)) // scaling.num_workers
+    return workers_that_fit(_live_nodes(), worker_resources(scaling)) // scaling.num_workers
 
 
 def check_workers_fit(scaling: ScalingConfig) -> None:
     """Stop (on a Ray started here, whose nodes are all there will be) or warn when
     ``scaling.num_workers`` workers of :func:`worker_resources` do not fit the cluster's live nodes."""
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    per_worker = worker_resources(scaling)
-    if workers_that_fit(nodes, per_worker) >= scaling.num_workers:
+    if runs_that_fit(scaling) >= 1:
         return
+    nodes, per_worker = _live_nodes(), worker_resources(scaling)
     asked = " and ".join(f"{_number(need)} {name}" for name, need in per_worker.items())
     cpus = sum(node.get("CPU", 0.0) for node in nodes)
     gpus = sum(node.get("GPU", 0.0) for node in nodes)

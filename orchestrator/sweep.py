@@ -44,15 +44,14 @@ def _scheduler(space: SearchSpace, epochs: int):
     return FIFOScheduler()
 
 
-def search_algorithm(space: SearchSpace, max_concurrent: int | None = None) -> BasicVariantGenerator:
+def search_algorithm(space: SearchSpace, max_concurrent: int) -> BasicVariantGenerator:
     """Tune's variant generator, seeded with ``tune.seed`` so that a space's sampled values (choice,
     uniform, loguniform, randint) are the same in every sweep of it; it also keeps at most
-    ``max_concurrent`` (default ``max_concurrent_trials``) running, since Tune ignores its own
-    limit when given a generator."""
+    ``max_concurrent`` trials running (:func:`concurrent_trials`), since Tune ignores its own limit
+    when given a generator."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    limit = space.max_concurrent_trials if max_concurrent is None else max_concurrent
-    return BasicVariantGenerator(max_concurrent=limit, random_state=space.sample_seed)
+    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=space.sample_seed)
 
 
 def concurrent_trials(space: SearchSpace, configs: list[ExperimentConfig]) -> int:

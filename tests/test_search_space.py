@@ -71,7 +71,7 @@ def _sampled_trials(space: SearchSpace) -> list[dict]:
     """The trial configs the sweep's variant generator hands out, without running them."""
     from ray.tune.experiment import Experiment
 
-    generator = search_algorithm(space)
+    generator = search_algorithm(space, space.max_concurrent_trials)
     generator.add_configurations([Experiment("sampled", run=lambda config: None, config=tune_param_space(space),
                                              num_samples=space.num_samples)])
     trials = []
