@@ -29,8 +29,10 @@ rounds of whole-matrix operations. Compiled offline for sm_90 (Triton 3.8, no GP
 per thread in float64 and no spills, about 810 instructions per round; in Triton's interpreter CR's
 11 x 11 patch matrices converge in 5 sweeps (75 rounds). 13,600 of them are then some 0.8 billion
 warp instructions, 0.8 ms on an H200 if issuing them were the only limit, so a first estimate is
-1-1.5 ms. It has not run on a GPU yet, so nothing is routed to it: ``benchmarks/patch_eigh.py``
-times it against cuSOLVER on CR's own patch matrices.
+1-1.5 ms. It has not run on a GPU yet. It is used all the same for CUDA sizes 5 to 16
+(:func:`curvature._linalg.symmetric_eigh`): unlike cuSOLVER it can run inside a CUDA graph, which
+lets all of CR's fixed-shape path (:mod:`curvature.graphed`) be replayed without the host waiting
+on the GPU. ``benchmarks/patch_eigh.py`` times it against cuSOLVER on CR's own patch matrices.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-#: Largest matrix size sent here (see the measurements above); larger ones go to cuSOLVER.
+#: Largest matrix size sent to :func:`jacobi_eigh` (see the measurements above); larger ones go to
+#: :func:`round_robin_eigh`.
 MAX_SIZE = 4
 #: Cap on sweeps: cyclic Jacobi converges quadratically, so this bounds only matrices that never
 #: settle (non-finite entries), whose results are then not finite either.

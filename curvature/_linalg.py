@@ -54,9 +54,9 @@ def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh`` over a batch. On the CPU, matrices up to :data:`_NATIVE_MAX_SIZE` go to
     the compiled Jacobi kernel (:mod:`curvature._native`) where it can be built, the rest to LAPACK,
     a large batch split across threads, since LAPACK solves the small matrices one at a time on one
-    core (see ``_MIN_PARALLEL_ELEMENTS``). On CUDA, matrices up to 4 x 4 go to the Triton Jacobi
-    kernel (:mod:`curvature._jacobi_triton`), which is faster there and does not wait on the GPU,
-    and larger ones to cuSOLVER in batches it accepts."""
+    core (see ``_MIN_PARALLEL_ELEMENTS``). On CUDA, matrices up to 16 x 16 go to the Triton Jacobi
+    kernels (:mod:`curvature._jacobi_triton`), which do not wait on the GPU and so can be captured
+    in CUDA graphs, and larger ones to cuSOLVER in batches it accepts."""
     flat = matrices.reshape(-1, *matrices.shape[-2:])
     solved = _jacobi_eigh(flat) if flat.device.type == "cuda" else None
     if solved is not None:
@@ -80,16 +80,20 @@ def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _jacobi_eigh(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """:func:`curvature._jacobi_triton.jacobi_eigh` of a CUDA batch, or ``None`` for sizes it does
-    not take, and from the first failure on (warned once): Triton may be missing, or unable to
-    build its launcher (it compiles one with the system's C compiler on first use)."""
+    """A CUDA batch by :mod:`curvature._jacobi_triton`: up to ``MAX_SIZE`` by the thread-per-matrix
+    kernel, up to ``MAX_ROUND_ROBIN_SIZE`` (CR's 11 x 11 patch problems) by the warp-per-matrix one.
+    ``None`` for larger sizes, and from the first failure on (warned once): Triton may be missing,
+    or unable to build its launcher (it compiles one with the system's C compiler on first use)."""
     global _jacobi_failure
     if _jacobi_failure is not None:
         return None
     try:
         from curvature import _jacobi_triton
 
-        return _jacobi_triton.jacobi_eigh(flat) if flat.shape[-1] <= _jacobi_triton.MAX_SIZE else None
+        size = flat.shape[-1]
+        if size <= _jacobi_triton.MAX_SIZE:
+            return _jacobi_triton.jacobi_eigh(flat)
+        return _jacobi_triton.round_robin_eigh(flat) if size <= _jacobi_triton.MAX_ROUND_ROBIN_SIZE else None
     except Exception as error:  # noqa: BLE001 - any failure of the kernel leaves cuSOLVER, which gives the same result
         _jacobi_failure = f"{type(error).__name__}: {error}".strip().splitlines()[0]
         warnings.warn(f"curvature: the Triton eigen-solver cannot run here ({_jacobi_failure}); small CUDA "

@@ -22,7 +22,7 @@ class CRResult:
     loss: torch.Tensor  # 0-d, carries gradient to this step's features
     class_curvature: torch.Tensor  # (C,) detached g_c; 0 where not measured
     measured: torch.Tensor  # (C,) bool: the class had at least k + 1 points
-    tangent_dim: int  # 0 when nothing was measured
+    tangent_dim: int  # 0 when not computed, or (eager path) nothing was measured
 
 
 def normalised_curvature(mean_angle: torch.Tensor, dim: int) -> torch.Tensor:

@@ -4,26 +4,32 @@ Why: on a GPU, a small model's step (ResNet-32, batch 128) is spent in Python la
 not in the GPU running them. The eager CR of :mod:`curvature.regularizer` launches some 590 more
 and waits on the GPU some 29 times, because its shapes depend on the data (which classes changed,
 how many points each has, which neighbour pairs are distinct): it doubled that step. Here the same
-computation is cut into three segments whose shapes depend only on (batch size, cloud width,
+computation is cut into two segments whose shapes depend only on (batch size, cloud width,
 tangent dimension); each is captured once per shape as CUDA graphs, forward and backward
 (:func:`captured`), and then replayed with one launch each way.
 
 To fix the shapes, this path measures every class at every step, pads every class's cloud to the
 same width ``Q + A`` (``A``: the most features one class gets in the batch, rounded up to a power of
 two so that few widths are ever captured) and takes every directed neighbour pair (the eager path
-computes a symmetric pair once: here twice the pair work, for no host synchronisation). Between
-the segments, eagerly: the two eigen-decompositions, which cannot be captured (cuSOLVER's ``eigh``
-checks its error codes on the host; PyTorch marks it unsafe for graphs), and the auto tangent
-dimension, a number the next segment's shape depends on.
+computes a symmetric pair once: here twice the pair work, for no host synchronisation). Segment 1
+builds every point's patch and decomposes it, segment 2 everything from there to the loss. The
+eigen-problems inside them go to the Triton kernels of :mod:`curvature._jacobi_triton`, which
+never wait on the host (cuSOLVER checks its error codes there, and cannot be captured), so the
+patch size ``k + 1`` must be at most their 16. Between the segments, only the auto tangent
+dimension: a number segment 2's shape depends on, and the one place the host waits on the GPU
+after the cloud width (which it reads from the labels at the start). With a fixed dimension the
+host launches the whole of CR and goes on, so the GPU's work on it can overlap the host's
+launching of the model's backward pass.
 
-What it buys, measured on H200s (ResNet-32, batch 128, CIFAR-100-shaped, four runs of
-``benchmarks/training.py``; README, "Training step"): the step's ratio to the base step falls from
-1.93-2.06 to 1.56-1.77 at tangent dimension 2, from 2.07-2.16 to 1.73-1.92 at d = 4 and from
-2.29-2.46 to 2.01-2.22 with the auto dimension (d = 8 on a fresh model). It stays above the 1.15
-target: the eigen-decompositions still wait on the GPU, and the fixed shapes about double CR's GPU
-work, so the step now pays for that work rather than for launches. With 1,000 classes (ImageNet-LT)
-measuring every class costs far more than launches save (4.68x against the eager path's 1.55x at
-batch 32), so the path is opt-in (``cuda_graphs``), and on in the CIFAR configs.
+What the previous arrangement bought, measured on H200s (ResNet-32, batch 128, CIFAR-100-shaped,
+four runs of ``benchmarks/training.py``; README, "Training step"): with three segments and both
+eigen-decompositions (cuSOLVER for the patches) run eagerly between them, the step's ratio to the
+base step fell from 1.93-2.06 to 1.56-1.77 at tangent dimension 2, from 2.07-2.16 to 1.73-1.92 at
+d = 4 and from 2.29-2.46 to 2.01-2.22 with the auto dimension (d = 8 on a fresh model). The present
+arrangement has not run on a GPU yet. The fixed shapes about double CR's GPU work. With 1,000
+classes (ImageNet-LT) measuring every class costs far more than launches save (4.68x against the
+eager path's 1.55x at batch 32), so the path is opt-in (``cuda_graphs``), and on in the CIFAR
+configs.
 
 The segments call the geometry engine's functions (no second implementation). Built with
 ``capture=False`` they run as plain functions on any device, which is how the tests check, on the
@@ -46,16 +52,16 @@ from curvature.cr_loss import CRResult, curvature_loss, normalised_curvature
 from curvature.gram_rotation import (GramPatches, angles_from_sin2, cloud_grams, descending, neighbours_from_grams,
                                      pair_residual_grams, patch_grams)
 from curvature.local_pca import dim_from_histogram, explained_count_histograms
-from curvature.queue import ClassFeatureQueue, rank_within_class
+from curvature.queue import ClassFeatureQueue, class_counts, rank_within_class
 from curvature.rotation import TangentDim
 
 
-#: Captured segments kept per module. A step uses three (shapes: batch size, cloud width, tangent
+#: Captured segments kept per module. A step uses two (shapes: batch size, cloud width, tangent
 #: dimension); a few widths and auto dimensions recur. Each keeps its inputs, outputs and saved
 #: activations in GPU memory: at CIFAR-100 scale (100 classes, Q = 128, k = 10, d = 8) the largest,
-#: the pair stage's, holds some 0.5-1 GB (float64 patch rows of 13,600 points x 11 x 136 are
+#: segment 2, holds some 0.5-1 GB (float64 patch rows of 13,600 points x 11 x 136 are
 #: 163 MB, and its backward as much again), estimated from its tensors' sizes.
-MAX_SEGMENTS = 12
+MAX_SEGMENTS = 8
 
 
 class CaptureFailed(RuntimeError):
@@ -65,15 +71,15 @@ class CaptureFailed(RuntimeError):
 def cloud_width(labels: torch.Tensor, num_classes: int, queue_size: int) -> int:
     """``Q + A``: room for every class's queue and its features in this batch, ``A`` the most one
     class gets rounded up to a power of two (one host synchronisation)."""
-    most = int(torch.bincount(labels, minlength=num_classes).max())
+    most = int(class_counts(labels, num_classes).max())
     return queue_size + (1 << max(0, most - 1).bit_length())
 
 
 def patch_segment(queue: ClassFeatureQueue, k: int, width: int) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """Segment 1, (features (B, D), labels (B,)) → every slot's patch: its centred Gram matrix
-    (n, m, m) (n = C·W, every slot of every class), its rows ``K[P_i, :]`` (n, m, W), its slots
-    (n, m), its neighbours as flat slots (n, k), which slots are points of a measured class (n,),
-    and which classes have k + 1 points (C,)."""
+    """Segment 1, (features (B, D), labels (B,)) → every slot's patch: the eigenvalues (n, m),
+    ascending, and eigenvectors (n, m, m) of its centred Gram matrix (n = C·W, every slot of every
+    class), its rows ``K[P_i, :]`` (n, m, W), its slots (n, m), its neighbours as flat slots (n, k),
+    which slots are points of a measured class (n,), and which classes have k + 1 points (C,)."""
 
     def segment(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         num_classes, device = queue.num_classes, features.device
@@ -84,31 +90,25 @@ def patch_segment(queue: ClassFeatureQueue, k: int, width: int) -> Callable[...,
         neighbours = (neighbours_from_grams(grams, valid, k) + offsets).flatten(0, 1)
         rows, patches, centred = patch_grams(grams, torch.arange(num_classes * width, device=device), neighbours)
         measured = valid.sum(dim=1) > k
-        return centred, rows, patches, neighbours, (valid & measured[:, None]).flatten(), measured
+        evals, evecs = symmetric_eigh(centred)
+        return evals, evecs, rows, patches, neighbours, (valid & measured[:, None]).flatten(), measured
 
     return segment
 
 
-def pair_segment(dim: int, angle_dtype: torch.dtype) -> Callable[..., torch.Tensor]:
-    """Segment 2, (patch rows, slots, neighbours, patch eigenvalues and eigenvectors, ascending) →
-    ``R Rᵀ`` (n·k, d, d) of every directed neighbour pair, in ``angle_dtype``."""
+def curvature_segment(num_classes: int, k: int, dim: int, eps: float, balance_weight: float,
+                      angle_dtype: torch.dtype) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """Segment 2, (patch eigenvalues and eigenvectors, ascending, patch rows, slots, neighbours,
+    measured slots (n,), measured classes (C,)) → (``L_CR``, detached ``g_c`` (C,)): the principal
+    angles of every directed neighbour pair, from the eigenvalues of its ``R Rᵀ`` (n·k, d, d), in
+    ``angle_dtype``, averaged over each class's measured points."""
 
-    def segment(rows: torch.Tensor, patches: torch.Tensor, neighbours: torch.Tensor, evals: torch.Tensor,
-                evecs: torch.Tensor) -> torch.Tensor:
-        spectra = GramPatches(rows, patches, *descending(evals, evecs))
-        return pair_residual_grams(spectra, neighbours, dim, distinct=False)[0].to(angle_dtype)
-
-    return segment
-
-
-def loss_segment(num_classes: int, k: int, dim: int, eps: float,
-                 balance_weight: float) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """Segment 3, (sin² of every pair's principal angles (n·k, d), measured slots (n,), measured
-    classes (C,)) → (``L_CR``, detached ``g_c`` (C,))."""
-
-    def segment(sin2: torch.Tensor, point_measured: torch.Tensor,
+    def segment(evals: torch.Tensor, evecs: torch.Tensor, rows: torch.Tensor, patches: torch.Tensor,
+                neighbours: torch.Tensor, point_measured: torch.Tensor,
                 measured: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angle = angles_from_sin2(sin2, None, k).reshape(num_classes, -1)
+        spectra = GramPatches(rows, patches, *descending(evals, evecs))
+        residual = pair_residual_grams(spectra, neighbours, dim, distinct=False)[0].to(angle_dtype)
+        angle = angles_from_sin2(symmetric_eigvals(residual), None, k).reshape(num_classes, -1)
         weights = point_measured.reshape(num_classes, -1).to(angle.dtype)
         curvature = normalised_curvature((angle * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1), dim)
         return curvature_loss(curvature, measured, eps, balance_weight), (curvature * measured).detach()
@@ -179,6 +179,18 @@ def captured(segment: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
     return replay
 
 
+def _check_capturable(k: int) -> None:
+    """Raise RuntimeError where CR with ``k`` neighbours cannot be captured: its (k + 1)² patch
+    eigen-problems must go to the Triton kernel, cuSOLVER being uncapturable."""
+    try:
+        from curvature._jacobi_triton import MAX_ROUND_ROBIN_SIZE
+    except ImportError as error:
+        raise RuntimeError(f"Triton, which solves CR's eigen-problems inside the graphs, cannot be imported: {error}")
+    if k + 1 > MAX_ROUND_ROBIN_SIZE:
+        raise RuntimeError(f"cr.k + 1 = {k + 1} is larger than the {MAX_ROUND_ROBIN_SIZE} x {MAX_ROUND_ROBIN_SIZE} "
+                           "patch eigen-problems that can be solved inside CUDA graphs")
+
+
 def _end_random_capture(stream: torch.cuda.Stream) -> None:
     """Capture nothing, once, after a capture that failed. Each capture marks PyTorch's CUDA random
     generator as captured when it begins and unmarks it when it ends; a capture that fails stops
@@ -196,7 +208,7 @@ def _as_tuple(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.T
 
 
 class GraphedCurvature:
-    """CR's loss from this step's features and the queues, by the three segments above, each
+    """CR's loss from this step's features and the queues, by the two segments above, each
     captured per shape the first time it is met (``capture``; else run as plain functions).
 
     A replay overwrites what the previous replay's backward reads, so while the autograd graph of
@@ -215,31 +227,27 @@ class GraphedCurvature:
     def ready(self) -> bool:
         return self.failure is None and (self._pending is None or self._pending() is None)
 
-    def __call__(self, features: torch.Tensor, labels: torch.Tensor) -> CRResult | None:
-        """``None`` when no class has k + 1 points."""
+    def __call__(self, features: torch.Tensor, labels: torch.Tensor) -> CRResult:
+        """CR's step; where no class has k + 1 points, a loss of 0 (still attached to ``features``)
+        and no class marked measured, found without the host asking the GPU."""
         queue, k = self.queue, self.k
         width = cloud_width(labels, queue.num_classes, queue.queue_size)
         # The graphs read the queue's buffers where they were at capture: a move makes new ones.
         shape = (features.shape[0], width, features.dtype, queue.queue.data_ptr(), queue.count.data_ptr())
         first = self._segment(("patch", *shape), lambda: patch_segment(queue, k, width), features, labels)
-        centred, rows, patches, neighbours, point_measured, measured = first(features, labels)
+        evals, evecs, rows, patches, neighbours, point_measured, measured = first(features, labels)
         if self.capture:
-            self._hold(centred.grad_fn)
-        evals, evecs = symmetric_eigh(centred)
-        if not bool(measured.any()):
-            return None
+            self._hold(evals.grad_fn)
         if self.tangent_dim == "auto":
             groups = (~point_measured).long()  # 0: the points of measured classes
             dim = dim_from_histogram(explained_count_histograms(evals.flip(-1), groups, 2)[0], k)
         else:
             dim = self.tangent_dim
-        second = self._segment(("pair", *shape, dim), lambda: pair_segment(dim, features.dtype),
-                               rows, patches, neighbours, evals, evecs)
-        sin2 = symmetric_eigvals(second(rows, patches, neighbours, evals, evecs))
-        third = self._segment(("loss", *shape, dim),
-                              lambda: loss_segment(queue.num_classes, k, dim, self.eps, self.balance_weight),
-                              sin2, point_measured, measured)
-        loss, curvature = third(sin2, point_measured, measured)
+        patch_stage = (evals, evecs, rows, patches, neighbours, point_measured, measured)
+        second = self._segment(("curvature", *shape, dim),
+                               lambda: curvature_segment(queue.num_classes, k, dim, self.eps, self.balance_weight,
+                                                         features.dtype), *patch_stage)
+        loss, curvature = second(*patch_stage)
         # Copies: the replays' outputs live in the graphs' memory, which the next step overwrites.
         return CRResult(loss.clone(), curvature.clone(), measured.clone(), dim)
 
@@ -253,6 +261,7 @@ class GraphedCurvature:
         segment = make()
         if self.capture:
             try:
+                _check_capturable(self.k)
                 segment = captured(segment, sample)
             except RuntimeError as error:
                 self.failure = str(error).strip().splitlines()[0]

@@ -53,6 +53,18 @@ def rank_within_class(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return one_hot.cumsum(dim=0).gather(1, labels[:, None])[:, 0] - 1
 
 
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes,) how many of ``labels`` each class has: ``bincount`` without its host reads
+    (on CUDA it reads the labels' minimum and maximum back to size its output)."""
+    return labels.new_zeros(num_classes).index_add_(0, labels, torch.ones_like(labels))
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Raise ValueError unless every label lies in [0, num_classes - 1] (one host read)."""
+    if labels.numel() > 0 and not bool(((labels >= 0) & (labels < num_classes)).all()):
+        raise ValueError(f"labels: must lie in [0, {num_classes - 1}]")
+
+
 class ClassFeatureQueue(nn.Module):
     """FIFO ring of the ``queue_size`` most recent features of every class."""
 
@@ -74,19 +86,26 @@ class ClassFeatureQueue(nn.Module):
         self.register_load_state_dict_post_hook(ClassFeatureQueue._changed_by_load)
 
     @torch.no_grad()
-    def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Gather from all workers, then write each class's newest features over its oldest."""
+    def enqueue(self, features: torch.Tensor, labels: torch.Tensor, *, labels_checked: bool = False) -> None:
+        """Gather from all workers, then write each class's newest features over its oldest.
+        ``labels_checked``: the caller has run :func:`check_labels` on this worker's labels, so
+        the one host read that checking takes is not repeated; outside ``torch.distributed``
+        nothing here then waits on the GPU."""
+        if not labels_checked:
+            check_labels(labels, self.num_classes)
         features, labels = self.gather(features.detach(), labels)
         if labels.numel() == 0:
             return
-        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
-            raise ValueError(f"labels: must lie in [0, {self.num_classes - 1}]")
-        arriving = torch.bincount(labels, minlength=self.num_classes)  # (C,)
-        ranks = rank_within_class(labels, self.num_classes)
-        keep = ranks >= arriving[labels] - self.queue_size  # more than Q arrivals: only the newest Q
-        slots = (self.ptr[labels] + ranks) % self.queue_size
-        self.queue[labels[keep], slots[keep]] = features[keep].to(self.queue.dtype)
-        self.ptr.copy_((self.ptr + arriving) % self.queue_size)
+        size = self.queue_size
+        arriving = class_counts(labels, self.num_classes)  # (C,)
+        slots = labels * size + (self.ptr[labels] + rank_within_class(labels, self.num_classes)) % size
+        # A class with more than Q arrivals keeps its newest Q: arrivals Q apart share a slot, and
+        # each writes the features of the newest arrival for its slot (equal values, whatever the
+        # order of the writes), which needs no selection of rows and so no host read.
+        newest = self.ptr.new_full((self.num_classes * size,), -1).scatter_reduce(
+            0, slots, torch.arange(labels.numel(), device=labels.device), "amax")
+        self.queue.view(-1, self.queue.shape[-1]).index_copy_(0, slots, features[newest[slots]].to(self.queue.dtype))
+        self.ptr.copy_((self.ptr + arriving) % size)
         self.count.copy_(torch.clamp(self.count + arriving, max=self.queue_size))
         self.version.add_(arriving > 0)
 

@@ -40,7 +40,7 @@ from curvature.cr_loss import CRResult, curvature_loss, normalised_curvature
 from curvature.graphed import CaptureFailed, GraphedCurvature
 from curvature.gram_rotation import GramPatches, cloud_grams, gram_angles, gram_patches, neighbours_from_grams
 from curvature.local_pca import dim_from_histogram, explained_count_histograms
-from curvature.queue import ClassFeatureQueue, GatherFn, gather_from_all_workers, rank_within_class
+from curvature.queue import ClassFeatureQueue, GatherFn, check_labels, gather_from_all_workers, rank_within_class
 from curvature.rotation import TangentDim
 
 
@@ -152,6 +152,7 @@ class CurvatureRegularizer(nn.Module):
         result = CRResult(features.new_zeros(()), zeros, torch.zeros_like(zeros, dtype=torch.bool), 0)
         if not self.active:
             return result
+        check_labels(labels, self.num_classes)  # here, before the GPU has CR's work to finish
         with torch.autocast(device_type=features.device.type, enabled=False):
             # Until a class has k + 1 points the loss is a zero that is still attached to the
             # features, so ``result.loss.backward()`` works on its own from the first step.
@@ -159,7 +160,7 @@ class CurvatureRegularizer(nn.Module):
             if epoch >= self.start_epoch and self._due(epoch):
                 result = self._loss(features.float(), labels, result)
                 result.loss = result.loss * self.every if self.every > 1 else result.loss
-            self.queue.enqueue(features, labels)
+            self.queue.enqueue(features, labels, labels_checked=True)
         return result
 
     def _due(self, epoch: int) -> bool:
@@ -176,11 +177,9 @@ class CurvatureRegularizer(nn.Module):
         if (graphed is not None and features.is_cuda and features.requires_grad and torch.is_grad_enabled()
                 and labels.numel() > 0 and graphed.ready()):
             try:
-                step = graphed(features, labels)
+                return graphed(features, labels)
             except CaptureFailed:  # warned once; from now on graphed.ready() is False
                 pass
-            else:
-                return unmeasured if step is None else step
         return self._eager_loss(features, labels, unmeasured)
 
     def _eager_loss(self, features: torch.Tensor, labels: torch.Tensor, unmeasured: CRResult) -> CRResult:

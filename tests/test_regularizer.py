@@ -24,7 +24,8 @@ def test_queue_is_fifo_per_class_with_wraparound():
     assert queue.queue[0, :, 0].tolist() == [4.0, 5.0, 3.0]  # 1 and 2 (oldest) overwritten
     assert queue.count.tolist() == [3, 1] and queue.ptr.tolist() == [2, 1]
     queue.enqueue(torch.arange(7.0)[:, None] + 100, torch.ones(7, dtype=torch.long))  # more than Q at once
-    assert sorted(queue.queue[1, :, 0].tolist()) == [104.0, 105.0, 106.0]
+    # the newest three, each in its FIFO slot: ptr (1 + 7) % 3 = 2 points at the oldest of them
+    assert queue.queue[1, :, 0].tolist() == [105.0, 106.0, 104.0] and queue.ptr.tolist() == [2, 2]
     assert queue.filled().tolist() == [[True] * 3, [True] * 3]
 
 
@@ -40,8 +41,11 @@ def test_queue_survives_a_checkpoint_round_trip(tmp_path):
 
 def test_bad_labels_are_refused():
     queue = ClassFeatureQueue(2, 3, 4)
-    with pytest.raises(ValueError, match="labels"):
-        queue.enqueue(torch.zeros(1, 3), torch.tensor([2]))
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match=r"labels: must lie in \[0, 1\]"):
+            queue.enqueue(torch.zeros(1, 3), torch.tensor([bad]))
+        with pytest.raises(ValueError, match=r"labels: must lie in \[0, 1\]"):
+            CurvatureRegularizer(2, 3, weight=1.0)(torch.zeros(1, 3), torch.tensor([bad]), epoch=0)
 
 
 def test_loss_matches_its_definition(rng, device):
