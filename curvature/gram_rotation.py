@@ -76,14 +76,14 @@ def neighbours_from_grams(grams: torch.Tensor, valid: torch.Tensor, k: int) -> t
 class GramPatches:
     """Every measured point's patch ``P_i = {i} ∪ N(i)`` in Gram form, eigen-decomposed."""
 
-    rows: torch.Tensor | None  # (n, m, W) K[P_i, :], float64: the patch's inner products with its whole cloud
+    grams: torch.Tensor  # (B, W, W) float64 Gram matrices of the padded clouds (:func:`cloud_grams`)
+    blocks: torch.Tensor  # (n,) each point's cloud
     patches: torch.Tensor  # (n, m) slots of P_i in the point's cloud
     evals: torch.Tensor  # (n, m) eigenvalues of the centred patch Gram matrix, descending
     evecs: torch.Tensor  # (n, m, m) its eigenvectors, columns in the same order
-    # Compiled form (:mod:`curvature._native`, CPU): ``rows`` is None, and ``evals`` / ``evecs``
-    # carry no gradient; the kernels read the Gram matrices (B, W, W) and each point's cloud (n,).
-    grams: torch.Tensor | None = None
-    blocks: torch.Tensor | None = None
+    # Compiled form (:mod:`curvature._native`, CPU): ``evals`` and ``evecs`` carry no gradient, and
+    # the pair stage's kernels carry it from ``grams`` themselves.
+    compiled: bool = False
 
 
 def gram_patches(grams: torch.Tensor, members: torch.Tensor, indices: torch.Tensor) -> GramPatches:
@@ -93,21 +93,19 @@ def gram_patches(grams: torch.Tensor, members: torch.Tensor, indices: torch.Tens
     CPU the compiled kernels (:mod:`curvature._native`) do this stage where they can be built."""
     if _native.available(grams.device, indices.shape[1] + 1):
         blocks, patches = patch_slots(grams.shape[1], members, indices)
-        return GramPatches(None, patches, *_native.patch_spectra(grams, blocks, patches), grams, blocks)
-    rows, patches, centred = patch_grams(grams, members, indices)
-    return GramPatches(rows, patches, *descending(*symmetric_eigh(centred)))
+        return GramPatches(grams, blocks, patches, *_native.patch_spectra(grams, blocks, patches), compiled=True)
+    blocks, patches, centred = patch_grams(grams, members, indices)
+    return GramPatches(grams, blocks, patches, *descending(*symmetric_eigh(centred)))
 
 
 def patch_grams(grams: torch.Tensor, members: torch.Tensor,
                 indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`gram_patches` up to its eigen-decomposition: the patch rows ``K[P_i, :]`` (n, m, W),
-    the patches' slots (n, m) and their centred Gram matrices ``H K[P_i, P_i] H`` (n, m, m)."""
-    num_clouds, width = grams.shape[0], grams.shape[1]
-    n, m = indices.shape[0], indices.shape[1] + 1
-    block, patches = patch_slots(width, members, indices)
-    rows = grams.reshape(num_clouds * width, width).index_select(0, (block[:, None] * width + patches).flatten())
-    rows = rows.reshape(n, m, width)  # K[P_i, :]
-    return rows, patches, _centre(rows.gather(2, patches[:, None, :].expand(n, m, m)))
+    """:func:`gram_patches` up to its eigen-decomposition: each point's cloud (n,), its patch's
+    slots (n, m) and the patch's centred Gram matrix ``H K[P_i, P_i] H`` (n, m, m)."""
+    width = grams.shape[1]
+    blocks, patches = patch_slots(width, members, indices)
+    entries = (blocks[:, None, None] * width + patches[:, :, None]) * width + patches[:, None, :]  # K[P_i, P_i]
+    return blocks, patches, _centre(grams.reshape(-1).index_select(0, entries.flatten()).view(entries.shape))
 
 
 def patch_slots(width: int, members: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,19 +151,60 @@ def pair_operands(patches: GramPatches, indices: torch.Tensor, dim: int, distinc
     directions once (``which`` maps back); otherwise every directed edge in order (``which`` is
     ``None``), twice the pairs but shapes fixed by the inputs', as CUDA graphs need."""
     n, k = indices.shape
-    if patches.rows is None:  # compiled form
+    if patches.compiled:
         coefficients, inner, has_direction = _native.patch_coefficients(patches.grams, patches.blocks, patches.patches,
                                                                         patches.evals, patches.evecs, dim)
     else:
         scales, has_direction = tangent_scales(patches.evals, dim)  # Λ^{-1/2} where defined, else 0
         coefficients = _centre_columns(patches.evecs[..., :dim] * scales[:, None, :])  # A_i (n, m, d)
-        inner = (coefficients.mT @ patches.rows).mT  # (n, W, d)
+        inner = inner_products(patches, coefficients)
     if distinct:
         edges = _native.undirected_edges if _native.available(indices.device, 1) else _undirected_edges
         own, other, which = edges(indices, has_direction.all(dim=1))
     else:
         own, other, which = torch.arange(n * k, device=indices.device) // k, indices.flatten(), None
     return PairOperands(coefficients, inner, has_direction, own, other, which)
+
+
+def inner_products(patches: GramPatches, coefficients: torch.Tensor) -> torch.Tensor:
+    """``S_i = K[:, P_i] A_i`` (n, W, d) of every point, from the coefficients ``A_i`` (n, m, d):
+    on CUDA by :func:`inner_products_by_cloud`, on the CPU by :func:`inner_products_by_point`."""
+    if patches.grams.is_cuda:
+        return inner_products_by_cloud(patches, coefficients)
+    return inner_products_by_point(patches, coefficients)
+
+
+def inner_products_by_cloud(patches: GramPatches, coefficients: torch.Tensor) -> torch.Tensor:
+    """:func:`inner_products` as one product per cloud: its Gram matrix times the coefficients of
+    all its points, each point's placed at its patch's slots, ``(W·d, W) @ (W, W)``. That is W/m
+    times the arithmetic of a (d x m)(m x W) product per point, but in the shape matrix-multiply
+    kernels are fast at, and it never forms the patch rows ``K[P_i, :]`` (n, m, W): at ResNet-32 /
+    CIFAR-100 shapes 163 MB of float64, gathered in the forward pass and scattered back in the
+    backward. Those per-point products (cuBLAS runs each in its own tile) and gathers were the
+    largest part of CR's GPU work on an H200 (with the other tiny products, 4.4 and 1.0 of 9.6 ms;
+    README, "Training step")."""
+    grams, blocks, slots = patches.grams, patches.blocks, patches.patches
+    num_clouds, width = grams.shape[0], grams.shape[1]
+    n, m, dim = coefficients.shape
+    members = blocks * width + slots[:, 0]  # a patch's first slot is its point's own
+    directions = torch.arange(dim, device=slots.device)
+    target = (members[:, None, None] * dim + directions[None, :, None]) * width + slots[:, None, :]  # (n, d, m)
+    # (B, W·d, W): row (i, e) holds A_i[:, e] at P_i; added, so that a slot twice in a patch (only in
+    # classes of k points or fewer, where the neighbours run out) counts twice, as in the rows' product
+    placed = coefficients.new_zeros(num_clouds * width * dim * width).scatter_add(
+        0, target.flatten(), coefficients.mT.flatten())
+    product = placed.view(num_clouds, width * dim, width) @ grams  # row (i, e): Σ_p A_i[p, e] K[P_i[p], :]
+    return product.view(num_clouds * width, dim, width).index_select(0, members).mT
+
+
+def inner_products_by_point(patches: GramPatches, coefficients: torch.Tensor) -> torch.Tensor:
+    """:func:`inner_products` as one (d x m)(m x W) product per point on its patch rows ``K[P_i, :]``
+    (n, m, W): the least arithmetic, which is what costs on the CPU."""
+    grams, slots = patches.grams, patches.patches
+    num_clouds, width = grams.shape[0], grams.shape[1]
+    n, m, _ = coefficients.shape
+    rows = grams.reshape(num_clouds * width, width).index_select(0, (patches.blocks[:, None] * width + slots).flatten())
+    return (coefficients.mT @ rows.view(n, m, width)).mT
 
 
 def pair_residual_grams(patches: GramPatches, indices: torch.Tensor, dim: int,

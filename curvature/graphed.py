@@ -59,8 +59,8 @@ from curvature.rotation import TangentDim
 #: Captured segments kept per module. A step uses two (shapes: batch size, cloud width, tangent
 #: dimension); a few widths and auto dimensions recur. Each keeps its inputs, outputs and saved
 #: activations in GPU memory: at CIFAR-100 scale (100 classes, Q = 128, k = 10, d = 8) the largest,
-#: segment 2, holds some 0.5-1 GB (float64 patch rows of 13,600 points x 11 x 136 are
-#: 163 MB, and its backward as much again), estimated from its tensors' sizes.
+#: segment 2, holds some 0.5-1 GB (its (C, W·d, W) float64 inner products are 118 MB, and several
+#: tensors of the 136,000 neighbour pairs about as much), estimated from its tensors' sizes.
 MAX_SEGMENTS = 8
 
 
@@ -78,8 +78,9 @@ def cloud_width(labels: torch.Tensor, num_classes: int, queue_size: int) -> int:
 def patch_segment(queue: ClassFeatureQueue, k: int, width: int) -> Callable[..., tuple[torch.Tensor, ...]]:
     """Segment 1, (features (B, D), labels (B,)) → every slot's patch: the eigenvalues (n, m),
     ascending, and eigenvectors (n, m, m) of its centred Gram matrix (n = C·W, every slot of every
-    class), its rows ``K[P_i, :]`` (n, m, W), its slots (n, m), its neighbours as flat slots (n, k),
-    which slots are points of a measured class (n,), and which classes have k + 1 points (C,)."""
+    class); the classes' Gram matrices (C, W, W); each slot's class (n,), patch slots (n, m) and
+    neighbours as flat slots (n, k); which slots are points of a measured class (n,), and which
+    classes have k + 1 points (C,)."""
 
     def segment(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         num_classes, device = queue.num_classes, features.device
@@ -88,25 +89,24 @@ def patch_segment(queue: ClassFeatureQueue, k: int, width: int) -> Callable[...,
         grams = cloud_grams(clouds, valid)
         offsets = (torch.arange(num_classes, device=device) * width)[:, None, None]
         neighbours = (neighbours_from_grams(grams, valid, k) + offsets).flatten(0, 1)
-        rows, patches, centred = patch_grams(grams, torch.arange(num_classes * width, device=device), neighbours)
+        blocks, patches, centred = patch_grams(grams, torch.arange(num_classes * width, device=device), neighbours)
         measured = valid.sum(dim=1) > k
         evals, evecs = symmetric_eigh(centred)
-        return evals, evecs, rows, patches, neighbours, (valid & measured[:, None]).flatten(), measured
+        return evals, evecs, grams, blocks, patches, neighbours, (valid & measured[:, None]).flatten(), measured
 
     return segment
 
 
 def curvature_segment(num_classes: int, k: int, dim: int, eps: float, balance_weight: float,
                       angle_dtype: torch.dtype) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """Segment 2, (patch eigenvalues and eigenvectors, ascending, patch rows, slots, neighbours,
-    measured slots (n,), measured classes (C,)) → (``L_CR``, detached ``g_c`` (C,)): the principal
+    """Segment 2, segment 1's outputs → (``L_CR``, detached ``g_c`` (C,)): the principal
     angles of every directed neighbour pair, from the eigenvalues of its ``R Rᵀ`` (n·k, d, d), in
     ``angle_dtype``, averaged over each class's measured points."""
 
-    def segment(evals: torch.Tensor, evecs: torch.Tensor, rows: torch.Tensor, patches: torch.Tensor,
-                neighbours: torch.Tensor, point_measured: torch.Tensor,
+    def segment(evals: torch.Tensor, evecs: torch.Tensor, grams: torch.Tensor, blocks: torch.Tensor,
+                patches: torch.Tensor, neighbours: torch.Tensor, point_measured: torch.Tensor,
                 measured: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        spectra = GramPatches(rows, patches, *descending(evals, evecs))
+        spectra = GramPatches(grams, blocks, patches, *descending(evals, evecs))
         residual = pair_residual_grams(spectra, neighbours, dim, distinct=False)[0].to(angle_dtype)
         angle = angles_from_sin2(symmetric_eigvals(residual), None, k).reshape(num_classes, -1)
         weights = point_measured.reshape(num_classes, -1).to(angle.dtype)
@@ -235,7 +235,8 @@ class GraphedCurvature:
         # The graphs read the queue's buffers where they were at capture: a move makes new ones.
         shape = (features.shape[0], width, features.dtype, queue.queue.data_ptr(), queue.count.data_ptr())
         first = self._segment(("patch", *shape), lambda: patch_segment(queue, k, width), features, labels)
-        evals, evecs, rows, patches, neighbours, point_measured, measured = first(features, labels)
+        patch_stage = first(features, labels)
+        evals, point_measured, measured = patch_stage[0], patch_stage[-2], patch_stage[-1]
         if self.capture:
             self._hold(evals.grad_fn)
         if self.tangent_dim == "auto":
@@ -243,7 +244,6 @@ class GraphedCurvature:
             dim = dim_from_histogram(explained_count_histograms(evals.flip(-1), groups, 2)[0], k)
         else:
             dim = self.tangent_dim
-        patch_stage = (evals, evecs, rows, patches, neighbours, point_measured, measured)
         second = self._segment(("curvature", *shape, dim),
                                lambda: curvature_segment(queue.num_classes, k, dim, self.eps, self.balance_weight,
                                                          features.dtype), *patch_stage)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from curvature import manifolds
-from curvature.gram_rotation import cloud_grams, gram_angles, gram_patches, neighbours_from_grams
+from curvature.gram_rotation import (GramPatches, cloud_grams, gram_angles, gram_patches, inner_products_by_cloud,
+                                     inner_products_by_point, neighbours_from_grams)
 from curvature.local_pca import local_spectra
 from curvature.neighbours import knn_indices
 from curvature.rotation import pointwise_curvature, resolve_tangent_dim
@@ -55,6 +56,32 @@ def test_float32_keeps_small_angles(rng):
     expected, _ = points_form(points, indices, 2)
     angle, _ = kernel_form(points.float()[None], torch.arange(400), indices, 2, torch.float32)
     assert float((angle.double() - expected).abs().max()) < 1e-6
+
+
+def test_inner_products_per_cloud_equal_those_per_point(rng, device):
+    """``S_i = K[:, P_i] A_i`` as CUDA computes it (one product per cloud, coefficients placed at
+    patch slots) and as the CPU does (one per point, on the patch rows): same values and gradients,
+    for points in shuffled order, some slots not measured, and a patch holding one slot twice."""
+    num_clouds, width, m, dim = 3, 7, 4, 2
+    generator = torch.Generator().manual_seed(0)
+    clouds = torch.tensor(rng.normal(size=(num_clouds, width, 5)), device=device)
+    grams = cloud_grams(clouds, torch.ones(num_clouds, width, dtype=torch.bool, device=device)).detach()
+    members = torch.randperm(num_clouds * width, generator=generator)[:15].to(device)  # 15 of 21 slots
+    others = torch.stack([torch.randperm(width, generator=generator)[: m - 1] for _ in range(15)]).to(device)
+    patches = torch.cat([(members % width)[:, None], others], dim=1)
+    patches[0, 2] = patches[0, 1]  # a slot twice
+    coefficients = torch.randn(15, m, dim, generator=generator, dtype=torch.float64).to(device)
+    upstream = torch.randn(15, width, dim, generator=generator, dtype=torch.float64).to(device)
+    results = []
+    for form in (inner_products_by_cloud, inner_products_by_point):
+        leaves = grams.clone().requires_grad_(), coefficients.clone().requires_grad_()
+        evals = torch.zeros(15, m, dtype=torch.float64, device=device)  # not read by either form
+        spectra = GramPatches(leaves[0], members // width, patches, evals, evals[..., None].expand(15, m, m))
+        inner = form(spectra, leaves[1])
+        (inner * upstream).sum().backward()
+        results.append((inner, *(leaf.grad for leaf in leaves)))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
 def test_padded_batch_of_clouds_equals_each_cloud_alone(rng, device):
