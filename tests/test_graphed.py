@@ -38,8 +38,14 @@ def leaf(features: torch.Tensor) -> torch.Tensor:
     return features.clone().requires_grad_(True)
 
 
+@pytest.mark.parametrize("inner_products", ["inner_products_by_point", "inner_products_by_cloud"])
 @pytest.mark.parametrize("tangent_dim", ["auto", 2, 3])
-def test_fixed_shape_path_equals_the_eager_path(tangent_dim, device):
+def test_fixed_shape_path_equals_the_eager_path(tangent_dim, inner_products, device, monkeypatch):
+    """Either form of the inner products (the CPU's per point, CUDA's per cloud) on either device;
+    on the CPU the eager path's pair stage is the compiled kernels', which use neither."""
+    import curvature.gram_rotation as gram_rotation
+
+    monkeypatch.setattr(gram_rotation, "inner_products", getattr(gram_rotation, inner_products))
     cr = CurvatureRegularizer(NUM_CLASSES, FEATURE_DIM, weight=1.0, k=K, queue_size=12, tangent_dim=tangent_dim,
                               balance_weight=0.5, cuda_graphs=False).to(device)
     graphed = GraphedCurvature(cr.queue, K, tangent_dim, cr.eps, cr.balance_weight, capture=device == "cuda")
