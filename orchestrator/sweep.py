@@ -23,6 +23,7 @@ from orchestrator.trainer import is_uri, run_storage
 from orchestrator.trial import SweepTrial
 
 if TYPE_CHECKING:
+    from ray.tune import Result
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
 
@@ -134,11 +135,18 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> Swe
     errors = [str(result.error).splitlines()[0] for result in results if result.error]
     if errors:
         print(f"[curvlt] {len(errors)} trial(s) failed; first error: {errors[0]}")
-    outcome = SweepOutcome(first.mlflow.experiment, len(errors), results.num_terminated + results.num_errors,
+    outcome = SweepOutcome(first.mlflow.experiment, len(errors), sum(_ended(result) for result in results),
                            count_trials(space))
     if outcome.interrupted:
         _mark_stopped_trials(uri, first.mlflow.experiment, sweep_id)
     return outcome
+
+
+def _ended(result: Result) -> bool:
+    """Whether a trial of ``tuner.fit()``'s results has ended: it failed, or its last result is
+    ``done`` (it finished, or the scheduler stopped it). Not Tune's TERMINATED status: an
+    interruption ends the trials it stops that way too, and those are resumed."""
+    return result.error is not None or bool((result.metrics or {}).get("done"))
 
 
 def _mark_stopped_trials(uri: str, experiment: str, sweep_id: str) -> None:
