@@ -168,3 +168,34 @@ def test_only_the_most_recently_used_segments_are_kept(monkeypatch):
     # batch 22's; batch 21's were the least recently used when batch 22's were made.
     assert [key[:2] for key in graphed._segments] == [("patch", 20), ("curvature", 20), ("patch", 22),
                                                       ("curvature", 22)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_at_a_fixed_dimension_waits_on_the_gpu_only_at_its_start(monkeypatch):
+    """Once its graphs are captured, a CR step at a fixed tangent dimension reads nothing back from
+    the GPU after the labels' check and the cloud width (both stood in for here, as they read the
+    labels): forward, enqueue and backward run under PyTorch's sync debug mode set to raise on any
+    synchronising call (an ``eigh`` by cuSOLVER, a ``nonzero``, a boolean mask, an ``item()``)."""
+    import curvature.graphed as graphed_module
+    import curvature.regularizer as regularizer_module
+
+    cr = CurvatureRegularizer(NUM_CLASSES, FEATURE_DIM, weight=1.0, k=K, queue_size=12, tangent_dim=3,
+                              cuda_graphs=True).cuda()
+    features, labels = batches("cuda", 1)[0]
+    for _ in range(3):  # fill the queues, capture both segments at this batch's shapes
+        cr(leaf(features), labels, epoch=0).loss.backward()
+    assert cr.graphed.failure is None and len(cr.graphed._segments) == 2
+    width = graphed_module.cloud_width(labels, NUM_CLASSES, 12)
+    monkeypatch.setattr(graphed_module, "cloud_width", lambda *args: width)
+    monkeypatch.setattr(regularizer_module, "check_labels", lambda *args: None)
+    ours = leaf(torch.randn_like(features))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = cr(ours, labels, epoch=0)
+        result.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(cr.graphed._segments) == 2  # replayed, not captured again
+    assert bool(result.measured.any()) and bool(torch.isfinite(ours.grad).all())
