@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import os
 import shlex
-import sys
 import time
 
 from orchestrator.errors import UserError

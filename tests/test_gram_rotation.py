@@ -3,7 +3,6 @@ points form (SPEC §3.3): equal values on clouds, padded batches of clouds and d
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
