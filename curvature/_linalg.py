@@ -39,8 +39,9 @@ _CUDA_MAX_BATCH = 65535
 #: 21 x 21, 24.1 against 22.7 ms (LAPACK split over the pool below).
 _NATIVE_MAX_SIZE = 16
 _POOL: ThreadPoolExecutor | None = None
-#: Why the Triton eigen-solver failed, once it has; it is then not tried again.
-_jacobi_failure: str | None = None
+#: Why each Triton eigen-solver failed (by name, "import" for Triton itself), once it has: a failed
+#: one is not tried again, and the other, which may still work, is.
+_jacobi_failures: dict[str, str] = {}
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -82,23 +83,35 @@ def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _jacobi_eigh(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A CUDA batch by :mod:`curvature._jacobi_triton`: up to ``MAX_SIZE`` by the thread-per-matrix
     kernel, up to ``MAX_ROUND_ROBIN_SIZE`` (CR's 11 x 11 patch problems) by the warp-per-matrix one.
-    ``None`` for larger sizes, and from the first failure on (warned once): Triton may be missing,
-    or unable to build its launcher (it compiles one with the system's C compiler on first use)."""
-    global _jacobi_failure
-    if _jacobi_failure is not None:
-        return None
+    ``None`` for larger sizes, and for a kernel from its first failure on (warned once): Triton may
+    be missing, unable to build its launcher (it compiles one with the system's C compiler on first
+    use), or, in another version than the one the kernels were checked with, unable to compile one."""
     try:
         from curvature import _jacobi_triton
-
-        size = flat.shape[-1]
-        if size <= _jacobi_triton.MAX_SIZE:
-            return _jacobi_triton.jacobi_eigh(flat)
-        return _jacobi_triton.round_robin_eigh(flat) if size <= _jacobi_triton.MAX_ROUND_ROBIN_SIZE else None
-    except Exception as error:  # noqa: BLE001 - any failure of the kernel leaves cuSOLVER, which gives the same result
-        _jacobi_failure = f"{type(error).__name__}: {error}".strip().splitlines()[0]
-        warnings.warn(f"curvature: the Triton eigen-solver cannot run here ({_jacobi_failure}); small CUDA "
-                      "eigen-problems go to cuSOLVER, which waits on the GPU", stacklevel=4)
+    except Exception as error:  # noqa: BLE001 - any failure leaves cuSOLVER, which gives the same result
+        return _give_up("import", error)
+    size = flat.shape[-1]
+    if size <= _jacobi_triton.MAX_SIZE:
+        solver = _jacobi_triton.jacobi_eigh
+    elif size <= _jacobi_triton.MAX_ROUND_ROBIN_SIZE:
+        solver = _jacobi_triton.round_robin_eigh
+    else:
         return None
+    if "import" in _jacobi_failures or solver.__name__ in _jacobi_failures:
+        return None
+    try:
+        return solver(flat)
+    except Exception as error:  # noqa: BLE001 - any failure of the kernel leaves cuSOLVER, which gives the same result
+        return _give_up(solver.__name__, error)
+
+
+def _give_up(name: str, error: Exception) -> None:
+    """Record (and warn once) that Triton eigen-solver ``name`` cannot run here."""
+    if name not in _jacobi_failures:
+        _jacobi_failures[name] = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+        warnings.warn(f"curvature: the Triton eigen-solver {name} cannot run here ({_jacobi_failures[name]}); "
+                      "the CUDA eigen-problems it took go to cuSOLVER, which waits on the GPU", stacklevel=5)
+    return None
 
 
 def _cuda_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

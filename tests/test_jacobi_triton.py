@@ -128,7 +128,8 @@ def test_jacobi_is_captured_in_a_cuda_graph_and_replays():
 def test_eigh_falls_back_to_cusolver_when_the_kernel_fails(monkeypatch, device):
     """Triton builds a launcher with the system's C compiler on first use; where it cannot, the
     kernel is given up with one warning and the decomposition comes from cuSOLVER (on CUDA: checked
-    against torch's; on the CPU, where nothing goes to the kernel, the give-up step alone)."""
+    against torch's; on the CPU, where nothing goes to the kernel, the give-up step alone). The
+    other kernel is still tried."""
     import curvature._jacobi_triton as jacobi
     import curvature._linalg as linalg
 
@@ -136,7 +137,7 @@ def test_eigh_falls_back_to_cusolver_when_the_kernel_fails(monkeypatch, device):
         raise RuntimeError("Failed to find C compiler")
 
     monkeypatch.setattr(jacobi, "jacobi_eigh", cannot_build)
-    monkeypatch.setattr(linalg, "_jacobi_failure", None)
+    monkeypatch.setattr(linalg, "_jacobi_failures", {})
     matrices = hard_batch(4, torch.float32).to(device)
     with pytest.warns(UserWarning, match="Failed to find C compiler"):
         assert linalg._jacobi_eigh(matrices) is None
@@ -145,3 +146,5 @@ def test_eigh_falls_back_to_cusolver_when_the_kernel_fails(monkeypatch, device):
         assert linalg._jacobi_eigh(matrices) is None
         evals, evecs = linalg.symmetric_eigh(matrices)
     check(matrices, evals, evecs)
+    monkeypatch.setattr(jacobi, "round_robin_eigh", lambda matrices: "tried")
+    assert linalg._jacobi_eigh(hard_batch(5, torch.float32).to(device)) == "tried"
