@@ -42,6 +42,8 @@ _POOL: ThreadPoolExecutor | None = None
 #: Why each Triton eigen-solver failed (by name, "import" for Triton itself), once it has: a failed
 #: one is not tried again, and the other, which may still work, is.
 _jacobi_failures: dict[str, str] = {}
+#: (kernel, size, dtype) for which a Triton solver's eigenvalues were checked in this process.
+_jacobi_checked: set[tuple[str, int, torch.dtype]] = set()
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -85,7 +87,8 @@ def _jacobi_eigh(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
     kernel, up to ``MAX_ROUND_ROBIN_SIZE`` (CR's 11 x 11 patch problems) by the warp-per-matrix one.
     ``None`` for larger sizes, and for a kernel from its first failure on (warned once): Triton may
     be missing, unable to build its launcher (it compiles one with the system's C compiler on first
-    use), or, in another version than the one the kernels were checked with, unable to compile one."""
+    use), or, in another version than the one the kernels were checked with, unable to compile one
+    or compiling it wrong (:func:`_check_solver`)."""
     try:
         from curvature import _jacobi_triton
     except Exception as error:  # noqa: BLE001 - any failure leaves cuSOLVER, which gives the same result
@@ -100,9 +103,31 @@ def _jacobi_eigh(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
     if "import" in _jacobi_failures or solver.__name__ in _jacobi_failures:
         return None
     try:
+        key = (solver.__name__, size, flat.dtype)
+        if key not in _jacobi_checked:
+            _check_solver(solver, size, flat.dtype, flat.device)
+            _jacobi_checked.add(key)
         return solver(flat)
     except Exception as error:  # noqa: BLE001 - any failure of the kernel leaves cuSOLVER, which gives the same result
         return _give_up(solver.__name__, error)
+
+
+def _check_solver(solver, size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Raise RuntimeError unless ``solver``'s eigenvalues of a few random positive semi-definite
+    matrices (one of rank below n) match ``torch.linalg.eigvalsh``'s, to 100·n·eps of each
+    matrix's largest. Why, once per size and dtype: the round-robin kernel was checked in Triton's
+    interpreter only, and a compiler that lowers it differently on some GPU would otherwise give
+    wrong curvatures without a word; this costs one cuSOLVER call the first time."""
+    generator = torch.Generator().manual_seed(size)
+    factors = torch.randn(8, size, size, generator=generator, dtype=torch.float64)
+    factors[0, :, size // 2:] = 0
+    matrices = (factors @ factors.mT).to(device=device, dtype=dtype)
+    expected = torch.linalg.eigvalsh(matrices)
+    scale = expected.abs().amax(dim=-1).clamp_min(torch.finfo(dtype).tiny)
+    error = float(((solver(matrices)[0] - expected).abs().amax(dim=-1) / scale).max())
+    if not error <= 100 * size * torch.finfo(dtype).eps:  # also catches NaN
+        raise RuntimeError(f"its eigenvalues of {size} x {size} {dtype} test matrices differ from cuSOLVER's "
+                           f"by {error:.1e} of the largest")
 
 
 def _give_up(name: str, error: Exception) -> None:

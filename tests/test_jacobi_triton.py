@@ -146,5 +146,26 @@ def test_eigh_falls_back_to_cusolver_when_the_kernel_fails(monkeypatch, device):
         assert linalg._jacobi_eigh(matrices) is None
         evals, evecs = linalg.symmetric_eigh(matrices)
     check(matrices, evals, evecs)
-    monkeypatch.setattr(jacobi, "round_robin_eigh", lambda matrices: "tried")
-    assert linalg._jacobi_eigh(hard_batch(5, torch.float32).to(device)) == "tried"
+    monkeypatch.setattr(jacobi, "round_robin_eigh", torch.linalg.eigh)
+    assert linalg._jacobi_eigh(hard_batch(5, torch.float32).to(device)) is not None
+
+
+def test_a_kernel_whose_eigenvalues_are_wrong_is_given_up(monkeypatch, device):
+    """The first time each size and dtype is met, a kernel's eigenvalues are checked against
+    ``torch.linalg.eigvalsh``: one that is off (here, one eigenvalue of every matrix) is given up
+    with a warning, and the batch goes to cuSOLVER."""
+    import curvature._jacobi_triton as jacobi
+    import curvature._linalg as linalg
+
+    def slightly_wrong(matrices):
+        evals, evecs = torch.linalg.eigh(matrices)
+        return evals * torch.tensor([1.0] * (matrices.shape[-1] - 1) + [1.001], device=matrices.device), evecs
+
+    monkeypatch.setattr(jacobi, "round_robin_eigh", slightly_wrong)
+    monkeypatch.setattr(linalg, "_jacobi_failures", {})
+    monkeypatch.setattr(linalg, "_jacobi_checked", set())
+    with pytest.warns(UserWarning, match="slightly_wrong cannot run here.*differ from cuSOLVER's by 1.0e-03"):
+        assert linalg._jacobi_eigh(hard_batch(11, torch.float64).to(device)) is None
+    monkeypatch.setattr(jacobi, "round_robin_eigh", torch.linalg.eigh)
+    assert linalg._jacobi_eigh(hard_batch(11, torch.float64).to(device)) is not None  # checked, then used
+    assert ("linalg_eigh", 11, torch.float64) in linalg._jacobi_checked
