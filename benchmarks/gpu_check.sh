@@ -17,6 +17,7 @@ log="${OUT:-/tmp}/gpu_check.log"
 {
     "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device visible to torch')"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    "$PYTHON" -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}')" || true
     "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda and not faiss" tests/test_tangent_rotation.py \
         tests/test_class_geometry.py tests/test_quadratic.py tests/test_neighbours.py tests/test_gram_rotation.py \
         tests/test_linalg.py tests/test_regularizer.py tests/test_graphed.py tests/test_jacobi_triton.py
