@@ -89,6 +89,8 @@ def _jacobi_eigh(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
     be missing, unable to build its launcher (it compiles one with the system's C compiler on first
     use), or, in another version than the one the kernels were checked with, unable to compile one
     or compiling it wrong (:func:`_check_solver`)."""
+    if "import" in _jacobi_failures:  # a failed import is not cached by Python: not tried again here
+        return None
     try:
         from curvature import _jacobi_triton
     except Exception as error:  # noqa: BLE001 - any failure leaves cuSOLVER, which gives the same result
@@ -100,7 +102,7 @@ def _jacobi_eigh(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
         solver = _jacobi_triton.round_robin_eigh
     else:
         return None
-    if "import" in _jacobi_failures or solver.__name__ in _jacobi_failures:
+    if solver.__name__ in _jacobi_failures:
         return None
     try:
         key = (solver.__name__, size, flat.dtype)

@@ -40,7 +40,8 @@ from curvature.cr_loss import CRResult, curvature_loss, normalised_curvature
 from curvature.graphed import CaptureFailed, GraphedCurvature
 from curvature.gram_rotation import GramPatches, cloud_grams, gram_angles, gram_patches, neighbours_from_grams
 from curvature.local_pca import dim_from_histogram, explained_count_histograms
-from curvature.queue import ClassFeatureQueue, GatherFn, check_labels, gather_from_all_workers, rank_within_class
+from curvature.queue import (ClassFeatureQueue, GatherFn, check_labels, class_counts, gather_from_all_workers,
+                             rank_within_class)
 from curvature.rotation import TangentDim
 
 
@@ -49,7 +50,7 @@ def _class_clouds(features: torch.Tensor, labels: torch.Tensor, queue: ClassFeat
     """Padded clouds (C', M, D) (:meth:`ClassFeatureQueue.padded_clouds`) of the ``selected``
     classes ((C,) mask) that have at least ``min_points`` points, their validity mask (C', M), and
     their class ids (C',); ``None`` when no class has."""
-    arriving = torch.bincount(labels, minlength=queue.num_classes)
+    arriving = class_counts(labels, queue.num_classes)
     classes = torch.nonzero(selected & (queue.count + arriving >= min_points)).flatten()
     if classes.numel() == 0:
         return None
@@ -79,7 +80,7 @@ class _Measured:
         """(C',) ``g_c``: the mean angle curvature of each class normalised to [0, 1] (SPEC §4)."""
         angle = gram_angles(self.patches, self.neighbours, dim, dtype)
         total = torch.zeros(self.classes.numel(), dtype=angle.dtype, device=angle.device).index_add(0, self.owner, angle)
-        return normalised_curvature(total / torch.bincount(self.owner, minlength=self.classes.numel()), dim)
+        return normalised_curvature(total / class_counts(self.owner, self.classes.numel()), dim)
 
 
 def _measure(features: torch.Tensor, labels: torch.Tensor, queue: ClassFeatureQueue, k: int,
@@ -186,7 +187,7 @@ class CurvatureRegularizer(nn.Module):
         """Measure the classes in the batch and those whose queue changed; take the rest's ``g_c``
         (and, for the auto dimension, their count histograms) from :class:`QueueCurvature`."""
         cache = self.queue_curvature
-        in_batch = torch.bincount(labels, minlength=self.num_classes) > 0
+        in_batch = class_counts(labels, self.num_classes) > 0
         kept = (cache.version == self.queue.version) & ~in_batch  # classes whose kept g_c is this step's
         fresh = _measure(features, labels, self.queue, self.k, ~kept)
         histogram = cache.histogram * kept[:, None]  # only the auto dimension reads these
