@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -83,35 +84,58 @@ def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _jacobi_eigh(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A CUDA batch by :mod:`curvature._jacobi_triton`: up to ``MAX_SIZE`` by the thread-per-matrix
-    kernel, up to ``MAX_ROUND_ROBIN_SIZE`` (CR's 11 x 11 patch problems) by the warp-per-matrix one.
-    ``None`` for larger sizes, and for a kernel from its first failure on (warned once): Triton may
-    be missing, unable to build its launcher (it compiles one with the system's C compiler on first
-    use), or, in another version than the one the kernels were checked with, unable to compile one
-    or compiling it wrong (:func:`_check_solver`)."""
-    if "import" in _jacobi_failures:  # a failed import is not cached by Python: not tried again here
+    """A CUDA batch by :mod:`curvature._jacobi_triton` (:func:`_triton_solver`); ``None`` where
+    no Triton solver can take it, and for a solver from its first failure on (warned once)."""
+    solver = _triton_solver(flat.shape[-1], flat.dtype, flat.device)
+    if isinstance(solver, str):
         return None
     try:
-        from curvature import _jacobi_triton
-    except Exception as error:  # noqa: BLE001 - any failure leaves cuSOLVER, which gives the same result
-        return _give_up("import", error)
-    size = flat.shape[-1]
+        return solver(flat)
+    except Exception as error:  # noqa: BLE001 - any failure of the kernel leaves cuSOLVER, which gives the same result
+        return _give_up(solver.__name__, error)
+
+
+def capture_obstacle(size: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why CUDA eigen-problems of ``size`` x ``size`` in ``dtype`` cannot be solved inside a CUDA
+    graph, or ``None`` when they can: only the Triton solvers can (cuSOLVER reads its error codes
+    back on the host), so one must take the size and work here. Asked before a capture, so that a
+    capture that could only fail is not attempted and the reason is said in words."""
+    solver = _triton_solver(size, dtype, device)
+    return solver if isinstance(solver, str) else None
+
+
+def _triton_solver(size: int, dtype: torch.dtype, device: torch.device) -> Callable[..., tuple[torch.Tensor, ...]] | str:
+    """The Triton solver for ``size`` x ``size`` CUDA matrices in ``dtype``: up to ``MAX_SIZE`` the
+    thread-per-matrix kernel, up to ``MAX_ROUND_ROBIN_SIZE`` (CR's 11 x 11 patch problems) the
+    warp-per-matrix one, checked against cuSOLVER (:func:`_check_solver`) the first time a size
+    and dtype are met. Or why there is none: a larger size, or Triton or that solver given up here
+    (warned once): Triton may be missing, unable to build its launcher (it compiles one with the
+    system's C compiler on first use), or, in another version than the one the kernels were
+    checked with, unable to compile one or compiling it wrong."""
+    if "import" not in _jacobi_failures:  # a failed import is not cached by Python: not tried again here
+        try:
+            from curvature import _jacobi_triton
+        except Exception as error:  # noqa: BLE001 - any failure leaves cuSOLVER, which gives the same result
+            _give_up("import", error)
+    if "import" in _jacobi_failures:
+        return f"Triton cannot be used here ({_jacobi_failures['import']})"
     if size <= _jacobi_triton.MAX_SIZE:
         solver = _jacobi_triton.jacobi_eigh
     elif size <= _jacobi_triton.MAX_ROUND_ROBIN_SIZE:
         solver = _jacobi_triton.round_robin_eigh
     else:
-        return None
-    if solver.__name__ in _jacobi_failures:
-        return None
-    try:
-        key = (solver.__name__, size, flat.dtype)
-        if key not in _jacobi_checked:
-            _check_solver(solver, size, flat.dtype, flat.device)
+        largest = _jacobi_triton.MAX_ROUND_ROBIN_SIZE
+        return f"no Triton eigen-solver takes {size} x {size} matrices (at most {largest} x {largest})"
+    name, key = solver.__name__, (solver.__name__, size, dtype)
+    if name not in _jacobi_failures and key not in _jacobi_checked:
+        try:
+            _check_solver(solver, size, dtype, device)
             _jacobi_checked.add(key)
-        return solver(flat)
-    except Exception as error:  # noqa: BLE001 - any failure of the kernel leaves cuSOLVER, which gives the same result
-        return _give_up(solver.__name__, error)
+        except Exception as error:  # noqa: BLE001 - as above
+            _give_up(name, error)
+    if name in _jacobi_failures:
+        return f"the Triton eigen-solver {name} cannot run here ({_jacobi_failures[name]})"
+    return solver
 
 
 def _check_solver(solver, size: int, dtype: torch.dtype, device: torch.device) -> None:

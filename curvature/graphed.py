@@ -47,7 +47,7 @@ from collections.abc import Callable
 
 import torch
 
-from curvature._linalg import symmetric_eigh, symmetric_eigvals
+from curvature._linalg import capture_obstacle, symmetric_eigh, symmetric_eigvals
 from curvature.cr_loss import CRResult, curvature_loss, normalised_curvature
 from curvature.gram_rotation import (GramPatches, angles_from_sin2, cloud_grams, descending, neighbours_from_grams,
                                      pair_residual_grams, patch_grams)
@@ -179,16 +179,13 @@ def captured(segment: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
     return replay
 
 
-def _check_capturable(k: int) -> None:
-    """Raise RuntimeError where CR with ``k`` neighbours cannot be captured: its (k + 1)² patch
-    eigen-problems must go to the Triton kernel, cuSOLVER being uncapturable."""
-    try:
-        from curvature._jacobi_triton import MAX_ROUND_ROBIN_SIZE
-    except ImportError as error:
-        raise RuntimeError(f"Triton, which solves CR's eigen-problems inside the graphs, cannot be imported: {error}")
-    if k + 1 > MAX_ROUND_ROBIN_SIZE:
-        raise RuntimeError(f"cr.k + 1 = {k + 1} is larger than the {MAX_ROUND_ROBIN_SIZE} x {MAX_ROUND_ROBIN_SIZE} "
-                           "patch eigen-problems that can be solved inside CUDA graphs")
+def _check_capturable(eigen_problems: dict[str, tuple[int, torch.dtype]], device: torch.device) -> None:
+    """Raise RuntimeError where a segment's eigen-problems (what they are: (size, dtype)) cannot be
+    solved inside a CUDA graph (:func:`curvature._linalg.capture_obstacle`)."""
+    for what, (size, dtype) in eigen_problems.items():
+        obstacle = capture_obstacle(size, dtype, device)
+        if obstacle is not None:
+            raise RuntimeError(f"CR's {what} eigen-problems cannot be solved inside CUDA graphs: {obstacle}")
 
 
 def _end_random_capture(stream: torch.cuda.Stream) -> None:
@@ -234,7 +231,8 @@ class GraphedCurvature:
         width = cloud_width(labels, queue.num_classes, queue.queue_size)
         # The graphs read the queue's buffers where they were at capture: a move makes new ones.
         shape = (features.shape[0], width, features.dtype, queue.queue.data_ptr(), queue.count.data_ptr())
-        first = self._segment(("patch", *shape), lambda: patch_segment(queue, k, width), features, labels)
+        first = self._segment(("patch", *shape), lambda: patch_segment(queue, k, width),
+                              {f"patch (cr.k + 1 = {k + 1})": (k + 1, torch.float64)}, features, labels)
         patch_stage = first(features, labels)
         evals, point_measured, measured = patch_stage[0], patch_stage[-2], patch_stage[-1]
         if self.capture:
@@ -246,22 +244,27 @@ class GraphedCurvature:
             dim = self.tangent_dim
         second = self._segment(("curvature", *shape, dim),
                                lambda: curvature_segment(queue.num_classes, k, dim, self.eps, self.balance_weight,
-                                                         features.dtype), *patch_stage)
+                                                         features.dtype),
+                               {f"pair (tangent dimension {dim})": (dim, features.dtype)} if dim > 2 else {},
+                               *patch_stage)
         loss, curvature = second(*patch_stage)
         # Copies: the replays' outputs live in the graphs' memory, which the next step overwrites.
         return CRResult(loss.clone(), curvature.clone(), measured.clone(), dim)
 
-    def _segment(self, key: tuple, make: Callable[[], Callable], *sample: torch.Tensor) -> Callable:
+    def _segment(self, key: tuple, make: Callable[[], Callable], eigen_problems: dict[str, tuple[int, torch.dtype]],
+                 *sample: torch.Tensor) -> Callable:
         """The segment for ``key``, made (and captured, on copies of ``sample``) the first time. A
-        capture that fails raises :class:`CaptureFailed` and turns the graphs off for good. Only the
-        :data:`MAX_SEGMENTS` most recently used are kept: each holds its own GPU memory."""
+        capture that fails, or would (its ``eigen_problems``, (size, dtype) by what they are, have
+        no solver that can run inside a graph), raises :class:`CaptureFailed` and turns the graphs
+        off for good. Only the :data:`MAX_SEGMENTS` most recently used are kept: each holds its own
+        GPU memory."""
         if key in self._segments:
             self._segments.move_to_end(key)
             return self._segments[key]
         segment = make()
         if self.capture:
             try:
-                _check_capturable(self.k)
+                _check_capturable(eigen_problems, sample[0].device)
                 segment = captured(segment, sample)
             except RuntimeError as error:
                 self.failure = str(error).strip().splitlines()[0]

@@ -94,6 +94,25 @@ def test_patches_too_large_for_the_triton_solver_are_not_captured():
     assert not graphed.ready()
 
 
+def test_a_given_up_triton_solver_stops_the_capture_before_it_starts(monkeypatch):
+    """Where the Triton solver of the patch eigen-problems has failed here (say, its first-use
+    check against cuSOLVER), a capture could only fail, with CUDA's words: it is not attempted, and
+    the warning says why in CR's."""
+    pytest.importorskip("triton", reason="Triton ships with PyTorch on Linux; without it the message names Triton")
+    import curvature._linalg as linalg
+    from curvature.graphed import CaptureFailed
+
+    monkeypatch.setattr(linalg, "_jacobi_failures", {"round_robin_eigh": "RuntimeError: its eigenvalues differ"})
+    k = 10
+    cr = CurvatureRegularizer(2, FEATURE_DIM, weight=1.0, k=k, queue_size=20)
+    graphed = GraphedCurvature(cr.queue, k, 2, cr.eps, cr.balance_weight, capture=True)
+    features = torch.randn(40, FEATURE_DIM, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"patch \(cr\.k \+ 1 = 11\).*round_robin_eigh cannot run here "
+                                         r"\(RuntimeError: its eigenvalues differ\)"), pytest.raises(CaptureFailed):
+        graphed(leaf(features), torch.arange(40) % 2)
+    assert not graphed.ready()
+
+
 def test_cloud_width_rounds_the_most_arrivals_up_to_a_power_of_two():
     labels = torch.tensor([0, 0, 0, 1, 2, 2])
     assert cloud_width(labels, 4, 16) == 16 + 4
