@@ -267,7 +267,7 @@ def test_the_readme_loop_runs_as_written(tmp_path, monkeypatch):
     before = [p.detach().clone() for p in parameters]
     exec(snippet, namespace)
     result, cr = namespace["result"], namespace["cr"]
-    assert bool(result.measured.all()) and 0 < float(result.loss) < math.inf and result.tangent_dim >= 1
+    assert bool(result.measured.all()) and 0 < float(result.loss.detach()) < math.inf and result.tangent_dim >= 1
     assert all(not torch.equal(a, b) for a, b in zip(before, parameters))
     saved = torch.load(tmp_path / "checkpoint.pt")
     assert torch.equal(saved["cr"]["queue.queue"], cr.queue.queue) and cr.queue.count.tolist() == [96] * 4  # 4 epochs x 24 per class
