@@ -10,7 +10,7 @@
 # GPU time is usually lent by the minute, so every stage runs whatever the others did, each under
 # its own time limit (a hang costs that stage, not the rest), the training rows first since they
 # are what the GPU is mostly wanted for; a summary line per stage closes the log, and the command
-# fails when any stage did. The log also goes to $OUT/gpu_check.log when OUT is set (a folder
+# fails when any stage did; the limits add up to 555 s. The log also goes to $OUT/gpu_check.log when OUT is set (a folder
 # that is collected afterwards). FAISS's GPU index is not checked here: it needs faiss-gpu, which
 # is not a dependency.
 set -uo pipefail
@@ -46,13 +46,13 @@ stage() {
     fi
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     "$PYTHON" -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}')" || true
-    stage "training benchmark, GPU rows" 240 "$PYTHON" benchmarks/training.py --gpu-only
-    stage "CUDA tests" 200 "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda and not faiss" \
+    stage "training benchmark, GPU rows" 300 "$PYTHON" benchmarks/training.py --gpu-only
+    stage "CUDA tests" 150 "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda and not faiss" \
         tests/test_tangent_rotation.py tests/test_class_geometry.py tests/test_quadratic.py tests/test_neighbours.py \
         tests/test_gram_rotation.py tests/test_linalg.py tests/test_regularizer.py tests/test_graphed.py \
         tests/test_jacobi_triton.py
-    stage "patch eigen-problems" 60 "$PYTHON" benchmarks/patch_eigh.py
-    stage "geometry benchmark, CUDA rows" 90 "$PYTHON" benchmarks/geometry.py --cuda-only
+    stage "patch eigen-problems" 45 "$PYTHON" benchmarks/patch_eigh.py
+    stage "geometry benchmark, CUDA rows" 60 "$PYTHON" benchmarks/geometry.py --cuda-only
     echo "=== summary"
     printf '%s\n' "${summary[@]}"
     exit "$failed"
