@@ -8,11 +8,11 @@
 #   bash benchmarks/gpu_check.sh            # PYTHON=... to pick the interpreter
 #
 # GPU time is usually lent by the minute, so every stage runs whatever the others did, each under
-# its own time limit (a hang costs that stage, not the rest), the training rows first since they
-# are what the GPU is mostly wanted for; a summary line per stage closes the log, and the command
-# fails when any stage did; the limits add up to 555 s. The log also goes to $OUT/gpu_check.log when OUT is set (a folder
-# that is collected afterwards). FAISS's GPU index is not checked here: it needs faiss-gpu, which
-# is not a dependency.
+# its own time limit (a hang costs that stage, not the rest; the limits add up to 555 s), the
+# training rows first since they are what the GPU is mostly wanted for. A summary line per stage
+# closes the log, and the command fails when any stage did. The log also goes to
+# $OUT/gpu_check.log when OUT is set (a folder that is collected afterwards). FAISS's GPU index is
+# not checked here: it needs faiss-gpu, which is not a dependency.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
