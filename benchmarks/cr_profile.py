@@ -3,12 +3,16 @@
     python benchmarks/cr_profile.py                          # CPU: Fashion-MNIST-shaped (10 classes, Q = 32, p = 128)
     python benchmarks/cr_profile.py --cuda                   # GPU: ResNet-32 / CIFAR-100-shaped (100 classes, Q = 128, p = 64)
     python benchmarks/cr_profile.py --cuda --tangent-dim 4 --eager --rows 40
+    python benchmarks/cr_profile.py --cuda --tangent-dim 2 --uncaptured   # the graphed path's kernels
 
 Prints the best time of one CR step (forward and backward, the device synchronised) and the
 profiler's table of the operators and kernels that took longest (self time on the device when it is
 CUDA, else on the CPU). The features are random, so the "auto" tangent dimension is near its
 ceiling k - 2; ``--tangent-dim`` fixes it. With CUDA graphs (the default on CUDA) the kernels run
-inside replays, which the table shows as whole; ``--eager`` profiles the eager path's kernels.
+inside replays, which the table shows as whole; ``--uncaptured`` runs the graphed path's two
+segments (:mod:`curvature.graphed`) as plain functions, the same kernels on the same fixed shapes
+launched one by one, so that the table shows where their GPU time goes (its step time then includes
+the launches that the graphs save); ``--eager`` profiles the eager path's kernels.
 """
 
 from __future__ import annotations
@@ -36,17 +40,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cuda", action="store_true", help="profile on the GPU (ResNet-32 / CIFAR-100 shapes)")
     parser.add_argument("--eager", action="store_true", help="on CUDA, the eager path instead of CUDA graphs")
+    parser.add_argument("--uncaptured", action="store_true",
+                        help="on CUDA, the graphed path's segments run as plain functions (their kernels profiled one by one)")
     parser.add_argument("--tangent-dim", default="auto", help="'auto' or an integer (default: auto)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--steps", type=int, default=10, help="profiled steps (after as many warm-up steps)")
     parser.add_argument("--rows", type=int, default=25, help="rows of the profiler's table")
     args = parser.parse_args()
+    if args.uncaptured and (args.eager or not args.cuda):
+        parser.error("--uncaptured: profiles the graphed path on CUDA; it needs --cuda and not --eager")
     device = torch.device("cuda" if args.cuda else "cpu")
     tangent_dim = args.tangent_dim if args.tangent_dim == "auto" else int(args.tangent_dim)
     num_classes, queue_size, feature_dim, batch = shapes(args.cuda)
     generator = torch.Generator().manual_seed(0)
     cr = CurvatureRegularizer(num_classes, feature_dim, weight=1.0, k=args.k, queue_size=queue_size,
                               tangent_dim=tangent_dim, cuda_graphs=args.cuda and not args.eager).to(device)
+    if args.uncaptured:
+        cr.graphed.capture = False
     cr.queue.enqueue(torch.randn(num_classes * queue_size, feature_dim, generator=generator).to(device),
                      torch.arange(num_classes).repeat(queue_size).to(device))
     # From here on nothing is enqueued, so every step measures the same clouds: the classes of the
@@ -58,7 +68,7 @@ def main() -> None:
         dim = cr(features, labels, epoch=10**6).tangent_dim
     best = best_time(lambda: step(cr, features, labels), repeats=args.steps, warmup=args.steps)
     print(describe())
-    path = "eager" if not args.cuda or args.eager else "CUDA graphs"
+    path = "eager" if not args.cuda or args.eager else "CUDA graphs' segments, uncaptured" if args.uncaptured else "CUDA graphs"
     print(f"CR alone ({device.type}, {path}, {num_classes} classes, Q = {queue_size}, p = {feature_dim}, "
           f"batch {batch}, k = {args.k}, tangent dim {dim}): best of {args.steps} steps {best * 1e3:.2f} ms "
           f"per forward and backward")
