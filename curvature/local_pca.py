@@ -71,21 +71,22 @@ def explained_count_histograms(evals: torch.Tensor, groups: torch.Tensor, num_gr
     explained = evals.cumsum(dim=1) / torch.where(total > 0, total, torch.ones_like(total))[:, None]
     counts = (explained < threshold).sum(dim=1) + 1
     bins = evals.shape[1] + 1
-    flat = (groups * bins + counts)[total > 0]
-    return torch.bincount(flat, minlength=num_groups * bins).reshape(num_groups, bins)
+    # patches without variance go to one extra bin, dropped: no selection, so no host read
+    flat = torch.where(total > 0, groups * bins + counts, num_groups * bins)
+    histogram = flat.new_zeros(num_groups * bins + 1).index_add_(0, flat, torch.ones_like(flat))
+    return histogram[:-1].reshape(num_groups, bins)
 
 
 def dim_from_histogram(histogram: torch.Tensor, k: int) -> int:
     """:func:`dim_from_spectra` from the histogram of the informative patches' explained counts
     (``histogram[c]``: how many patches need c directions; length r + 1). A histogram can be summed
     over point sets, which lets the curvature regularizer combine classes measured at different
-    steps. The median is the lower one of an even count, as ``torch.median``'s."""
-    total = int(histogram.sum())
+    steps. The median is the lower one of an even count, as ``torch.median``'s; with no patch, 1.
+    Found on the histogram's device and read back once (the only host read of the "auto" dimension)."""
     upper = max(1, min(k - 2, histogram.shape[0] - 1))
-    if total == 0:
-        return 1
-    median = int(torch.searchsorted(histogram.cumsum(0), torch.tensor((total - 1) // 2 + 1, device=histogram.device)))
-    return min(max(median, 1), upper)
+    total = histogram.sum()
+    median = torch.searchsorted(histogram.cumsum(0), (total - 1).div(2, rounding_mode="floor") + 1)
+    return int(torch.where(total > 0, median.clamp(1, upper), 1))
 
 
 def tangent_bases(points: torch.Tensor, indices: torch.Tensor, spectra: LocalSpectra, dim: int) -> torch.Tensor:
