@@ -219,6 +219,8 @@ class GraphedCurvature:
         self.eps, self.balance_weight, self.capture = eps, balance_weight, capture
         self._segments: OrderedDict[tuple, Callable] = OrderedDict()  # least recently used first
         self._pending: weakref.ref | None = None  # the last call's first autograd node, until its backward ran
+        self._made: set[tuple] = set()  # every key a segment was made for, kept or evicted since
+        self._recaptured = False  # whether an evicted segment had to be captured again (warned once)
         self.failure: str | None = None  # why a capture failed; the graphs are then never used again
 
     def ready(self) -> bool:
@@ -262,6 +264,15 @@ class GraphedCurvature:
             self._segments.move_to_end(key)
             return self._segments[key]
         segment = make()
+        if self.capture and key in self._made and not self._recaptured:
+            # evicted, now needed again: the shapes alternate among more than MAX_SEGMENTS, and each
+            # capture costs several CR steps, a cost nothing else would show
+            self._recaptured = True
+            warnings.warn(f"curvature regularizer: a CUDA graph segment evicted earlier is captured again: the "
+                          f"steps' shapes (batch size, cloud width, tangent dimension) alternate among more than the "
+                          f"{MAX_SEGMENTS} segments kept, and each capture costs several CR steps (a fixed "
+                          "cr.tangent_dim makes fewer shapes)", stacklevel=3)
+        self._made.add(key)
         if self.capture:
             try:
                 _check_capturable(eigen_problems, sample[0].device)

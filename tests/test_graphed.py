@@ -3,6 +3,8 @@ curvatures and gradients: uncaptured on every device, captured and replayed on C
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -111,6 +113,30 @@ def test_a_given_up_triton_solver_stops_the_capture_before_it_starts(monkeypatch
                                          r"\(RuntimeError: its eigenvalues differ\)"), pytest.raises(CaptureFailed):
         graphed(leaf(features), torch.arange(40) % 2)
     assert not graphed.ready()
+
+
+def test_a_segment_captured_again_after_its_eviction_is_warned_about_once(monkeypatch):
+    """Only MAX_SEGMENTS captured segments are kept; a run whose shapes alternate among more pays a
+    new capture each time an evicted one comes back, which nothing else would show: the first
+    such capture warns. (Captures stood in for by the plain segments, on the CPU.)"""
+    import curvature.graphed as graphed_module
+
+    monkeypatch.setattr(graphed_module, "MAX_SEGMENTS", 2)
+    monkeypatch.setattr(graphed_module, "captured", lambda segment, sample: segment)
+    monkeypatch.setattr(graphed_module, "_check_capturable", lambda eigen_problems, device: None)
+    cr = CurvatureRegularizer(NUM_CLASSES, FEATURE_DIM, weight=1.0, k=K, queue_size=12)
+    graphed = GraphedCurvature(cr.queue, K, 2, cr.eps, cr.balance_weight, capture=True)
+    features, labels = batches("cpu", 1)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graphed(features, labels)  # two segments: both kept
+        graphed(features[:-1], labels[:-1])  # another batch size: two more, which evict the first two
+        graphed(features[:-1], labels[:-1])  # kept: nothing made
+    with pytest.warns(UserWarning, match="evicted earlier is captured again.*more than the 2 segments kept"):
+        graphed(features, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graphed(features[:-1], labels[:-1])  # captured again too, but said once is enough
 
 
 def test_cloud_width_rounds_the_most_arrivals_up_to_a_power_of_two():
