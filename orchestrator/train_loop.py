@@ -112,6 +112,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         model.train()
         clock = time.perf_counter()
         sums = torch.zeros(4, device=device)  # total, base, cr, steps
+        dims = []  # the tangent dimension of each step whose CR loss was computed
         shown = clock
         for step, (images, labels) in enumerate(train_loader):
             if step >= steps_per_epoch:
@@ -122,6 +123,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 features, logits = model(images)
                 loss_base = base_loss(logits, labels)
             cr_result = cr(features, labels, epoch)
+            if cr_result.tangent_dim:
+                dims.append(cr_result.tangent_dim)
             loss = loss_base + config.cr.weight * cr_result.loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -137,6 +140,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         clock = time.perf_counter()
         metrics = {"epoch": epoch, "train/loss": float(sums[0] / sums[3]), "train/base_loss": float(sums[1] / sums[3]),
                    "train/cr_loss": float(sums[2] / sums[3]), "train/lr": learning_rate(config.train, epoch)}
+        if dims:  # which dimension CR worked in (the "auto" one's choice): this worker's mean over the epoch
+            metrics["cr/tangent_dim"] = sum(dims) / len(dims)
 
         if is_main:
             test = predict(_unwrap(model), test_loader, device)

@@ -56,6 +56,8 @@ def test_two_worker_digits_run_logs_everything(mlflow_server, tmp_path):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2], key
     assert run.data.params["cr.weight"] == "0.5" and run.data.params["scaling.num_workers"] == "2"
     assert float(run.data.metrics["train/cr_loss"]) > 0
+    dims = [m.value for m in client.get_metric_history(run.info.run_id, "cr/tangent_dim")]
+    assert len(dims) == 3 and all(1 <= d <= 8 for d in dims), dims  # the auto dimension, in [1, k - 2]
     paths = artifact_paths(client, run.info.run_id)
     assert {"geometry/epoch_000.csv", "geometry/epoch_001.csv", "geometry/epoch_002.csv",
             "plots/accuracy_vs_curvature.png", "plots/correlations_over_epochs.png"} <= set(paths)
