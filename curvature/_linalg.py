@@ -40,6 +40,8 @@ _CUDA_MAX_BATCH = 65535
 #: 21 x 21, 24.1 against 22.7 ms (LAPACK split over the pool below).
 _NATIVE_MAX_SIZE = 16
 _POOL: ThreadPoolExecutor | None = None
+#: A batched eigen-solver: (B, n, n) symmetric matrices → ascending eigenvalues (B, n), eigenvectors (B, n, n).
+EighSolver = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 #: Why each Triton eigen-solver failed (by name, "import" for Triton itself), once it has: a failed
 #: one is not tried again, and the other, which may still work, is.
 _jacobi_failures: dict[str, str] = {}
@@ -92,7 +94,8 @@ def _jacobi_eigh(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
     try:
         return solver(flat)
     except Exception as error:  # noqa: BLE001 - any failure of the kernel leaves cuSOLVER, which gives the same result
-        return _give_up(solver.__name__, error)
+        _give_up(solver.__name__, error)
+        return None
 
 
 def capture_obstacle(size: int, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -104,7 +107,7 @@ def capture_obstacle(size: int, dtype: torch.dtype, device: torch.device) -> str
     return solver if isinstance(solver, str) else None
 
 
-def _triton_solver(size: int, dtype: torch.dtype, device: torch.device) -> Callable[..., tuple[torch.Tensor, ...]] | str:
+def _triton_solver(size: int, dtype: torch.dtype, device: torch.device) -> EighSolver | str:
     """The Triton solver for ``size`` x ``size`` CUDA matrices in ``dtype``: up to ``MAX_SIZE`` the
     thread-per-matrix kernel, up to ``MAX_ROUND_ROBIN_SIZE`` (CR's 11 x 11 patch problems) the
     warp-per-matrix one, checked against cuSOLVER (:func:`_check_solver`) the first time a size
@@ -138,7 +141,7 @@ def _triton_solver(size: int, dtype: torch.dtype, device: torch.device) -> Calla
     return solver
 
 
-def _check_solver(solver, size: int, dtype: torch.dtype, device: torch.device) -> None:
+def _check_solver(solver: EighSolver, size: int, dtype: torch.dtype, device: torch.device) -> None:
     """Raise RuntimeError unless ``solver``'s eigenvalues of a few random positive semi-definite
     matrices (one of rank below n) match ``torch.linalg.eigvalsh``'s, to 100·n·eps of each
     matrix's largest. Why, once per size and dtype: the round-robin kernel was checked in Triton's
