@@ -112,7 +112,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         model.train()
         clock = time.perf_counter()
         sums = torch.zeros(4, device=device)  # total, base, cr, steps
-        dims = []  # the tangent dimension of each step whose CR loss was computed
+        dims: list[int] = []  # the tangent dimension of each step whose CR loss was computed
         shown = clock
         for step, (images, labels) in enumerate(train_loader):
             if step >= steps_per_epoch:
