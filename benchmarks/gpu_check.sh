@@ -2,9 +2,9 @@
 # Every check that needs a CUDA GPU, as one command, for a machine that has one and PyTorch
 # (Ray, MLflow and FAISS are not needed, so it also runs on a bare GPU box with the repository
 # copied over): the GPU rows of the training benchmark (ResNet-32 CR overhead), the
-# CUDA-parametrized tests of curvature/ and CR, CR's patch eigen-problems (cuSOLVER against the
-# round-robin Triton kernel), where CR's graphed path spends its GPU time (its kernels profiled
-# one by one) and the GPU rows of the geometry benchmark.
+# CUDA-parametrized tests of curvature/ and CR, CR's patch and pair eigen-problems (cuSOLVER
+# against the round-robin Triton kernel), where CR's graphed path spends its GPU time (its
+# kernels profiled one by one) and the GPU rows of the geometry benchmark.
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=... to pick the interpreter
 #
@@ -47,12 +47,12 @@ stage() {
     fi
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     "$PYTHON" -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}')" || true
-    stage "training benchmark, GPU rows" 280 "$PYTHON" benchmarks/training.py --gpu-only
-    stage "CUDA tests" 140 "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda and not faiss" \
+    stage "training benchmark, GPU rows" 270 "$PYTHON" benchmarks/training.py --gpu-only
+    stage "CUDA tests" 130 "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda and not faiss" \
         tests/test_tangent_rotation.py tests/test_class_geometry.py tests/test_quadratic.py tests/test_neighbours.py \
         tests/test_gram_rotation.py tests/test_linalg.py tests/test_regularizer.py tests/test_graphed.py \
         tests/test_jacobi_triton.py
-    stage "patch eigen-problems" 40 "$PYTHON" benchmarks/patch_eigh.py
+    stage "CR's eigen-problems, cuSOLVER against Triton" 60 "$PYTHON" benchmarks/patch_eigh.py
     stage "where the graphed CR's GPU time goes" 45 "$PYTHON" benchmarks/cr_profile.py --cuda --tangent-dim 2 --uncaptured
     stage "geometry benchmark, CUDA rows" 50 "$PYTHON" benchmarks/geometry.py --cuda-only
     echo "=== summary"
