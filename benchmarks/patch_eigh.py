@@ -23,7 +23,7 @@ import time
 import torch
 
 from _machine import best_time, describe
-from curvature._linalg import _CUDA_MAX_BATCH
+from curvature._linalg import cusolver_eigh
 from curvature.gram_rotation import (GramPatches, cloud_grams, descending, neighbours_from_grams, pair_residual_grams,
                                      patch_grams)
 
@@ -43,12 +43,6 @@ def cr_matrices(device: torch.device, pair_dims: tuple[int, ...], classes: int =
     spectra = GramPatches(grams, blocks, patches, *descending(*cusolver_eigh(centred)))
     pairs = {dim: pair_residual_grams(spectra, neighbours, dim, distinct=False)[0].float() for dim in pair_dims}
     return centred, pairs
-
-
-def cusolver_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh`` in the batches cuSOLVER accepts (``curvature._linalg._CUDA_MAX_BATCH``)."""
-    parts = [torch.linalg.eigh(part) for part in matrices.split(_CUDA_MAX_BATCH)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def host_return(solve, matrices: torch.Tensor, repeats: int = 10) -> float:

@@ -68,7 +68,7 @@ def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if solved is not None:
         return solved[0].reshape(matrices.shape[:-1]), solved[1].reshape(matrices.shape)
     if flat.device.type == "cuda":
-        parts = [_cuda_eigh(part) for part in flat.split(_CUDA_MAX_BATCH)]
+        parts = [cusolver_eigh(flat)]
     elif flat.shape[-1] <= _NATIVE_MAX_SIZE and _native.available(flat.device, flat.shape[-1]):
         parts = [_native.eigh(flat)]
     elif flat.device.type == "cpu" and torch.get_num_threads() >= 2 and flat.numel() >= _MIN_PARALLEL_ELEMENTS:
@@ -165,7 +165,15 @@ def _give_up(name: str, error: Exception) -> None:
         _jacobi_failures[name] = f"{type(error).__name__}: {error}".strip().splitlines()[0]
         warnings.warn(f"curvature: the Triton eigen-solver {name} cannot run here ({_jacobi_failures[name]}); "
                       "the CUDA eigen-problems it took go to cuSOLVER, which waits on the GPU", stacklevel=5)
-    return None
+
+
+def cusolver_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of a CUDA batch (B, n, n) by cuSOLVER alone, in the batches it accepts
+    (:data:`_CUDA_MAX_BATCH`), each by :func:`_cuda_eigh`."""
+    parts = [_cuda_eigh(part) for part in matrices.split(_CUDA_MAX_BATCH)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
 
 
 def _cuda_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

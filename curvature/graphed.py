@@ -247,6 +247,7 @@ class GraphedCurvature:
         second = self._segment(("curvature", *shape, dim),
                                lambda: curvature_segment(queue.num_classes, k, dim, self.eps, self.balance_weight,
                                                          features.dtype),
+                               # d x d with d <= 2: closed form in symmetric_eigvals, no solver
                                {f"pair (tangent dimension {dim})": (dim, features.dtype)} if dim > 2 else {},
                                *patch_stage)
         loss, curvature = second(*patch_stage)
