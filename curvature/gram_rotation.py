@@ -182,7 +182,7 @@ def inner_products_by_cloud(patches: GramPatches, coefficients: torch.Tensor) ->
     CIFAR-100 shapes 163 MB of float64, gathered in the forward pass and scattered back in the
     backward. Those per-point products (cuBLAS runs each in its own tile) and gathers were the
     largest part of CR's GPU work on an H200 (with the other tiny products, 4.4 and 1.0 of 9.6 ms;
-    README, "Training step")."""
+    ``benchmarks/HISTORY.md``, "Training step, GPU")."""
     grams, blocks, slots = patches.grams, patches.blocks, patches.patches
     num_clouds, width = grams.shape[0], grams.shape[1]
     n, m, dim = coefficients.shape

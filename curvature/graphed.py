@@ -22,14 +22,14 @@ host launches the whole of CR and goes on, so the GPU's work on it can overlap t
 launching of the model's backward pass.
 
 What the previous arrangement bought, measured on H200s (ResNet-32, batch 128, CIFAR-100-shaped,
-four runs of ``benchmarks/training.py``; README, "Training step"): with three segments and both
-eigen-decompositions (cuSOLVER for the patches) run eagerly between them, the step's ratio to the
-base step fell from 1.93-2.06 to 1.56-1.77 at tangent dimension 2, from 2.07-2.16 to 1.73-1.92 at
-d = 4 and from 2.29-2.46 to 2.01-2.22 with the auto dimension (d = 8 on a fresh model). The present
-arrangement has not run on a GPU yet. The fixed shapes about double CR's GPU work. With 1,000
-classes (ImageNet-LT) measuring every class costs far more than launches save (4.68x against the
-eager path's 1.55x at batch 32), so the path is opt-in (``cuda_graphs``), and on in the CIFAR
-configs.
+four runs of ``benchmarks/training.py``; ``benchmarks/HISTORY.md``, "Training step, GPU"): with
+three segments and both eigen-decompositions (cuSOLVER for the patches) run eagerly between them,
+the step's ratio to the base step fell from 1.93-2.06 to 1.56-1.77 at tangent dimension 2, from
+2.07-2.16 to 1.73-1.92 at d = 4 and from 2.29-2.46 to 2.01-2.22 with the auto dimension (d = 8 on a
+fresh model). The present arrangement has not run on a GPU yet. The fixed shapes about double CR's
+GPU work. With 1,000 classes (ImageNet-LT) measuring every class costs far more than launches save
+(4.68x against the eager path's 1.55x at batch 32), so the path is opt-in (``cuda_graphs``), and on
+in the CIFAR configs.
 
 The segments call the geometry engine's functions (no second implementation). Built with
 ``capture=False`` they run as plain functions on any device, which is how the tests check, on the
