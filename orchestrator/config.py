@@ -97,6 +97,9 @@ class EvalConfig:
     geometry_every: int = 5  # 0 = never; the last epoch is always measured when > 0
     geometry_max_points: int = 500  # per class, fixed subsample of the training set
     geometry_k: int = 10
+    # "auto": each class at its own intrinsic dimension; an integer measures every class, and every
+    # run, at one dimension, so that angle curvatures compare across runs whose auto dimensions differ
+    geometry_tangent_dim: int | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -142,6 +145,7 @@ class ExperimentConfig:
 # Range checks: key -> (predicate, what is allowed). Types are checked from the annotations.
 _POSITIVE = (lambda v: v > 0, "> 0")
 _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_TANGENT_DIM = (lambda v: v == "auto" or v >= 1, "'auto' or an integer >= 1")
 RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "dataset.imbalance_factor": (lambda v: v >= 1, ">= 1 (1 = balanced)"),
     "dataset.many_threshold": _NON_NEGATIVE,
@@ -164,7 +168,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "cr.queue_size": _POSITIVE,
     "cr.start_epoch": _NON_NEGATIVE,
     "cr.every": _POSITIVE,
-    "cr.tangent_dim": (lambda v: v == "auto" or v >= 1, "'auto' or an integer >= 1"),
+    "cr.tangent_dim": _TANGENT_DIM,
     "train.epochs": _POSITIVE,
     "train.batch_size": _POSITIVE,
     "train.lr": _POSITIVE,
@@ -177,6 +181,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eval.geometry_every": _NON_NEGATIVE,
     "eval.geometry_max_points": (lambda v: v >= 2, ">= 2"),
     "eval.geometry_k": (lambda v: v >= 3, ">= 3"),
+    "eval.geometry_tangent_dim": _TANGENT_DIM,
     "scaling.num_workers": _POSITIVE,
     "scaling.cpus_per_worker": _POSITIVE,
     "scaling.gpus_per_worker": _POSITIVE,
@@ -250,8 +255,11 @@ def _cross_checks(config: ExperimentConfig) -> None:
         raise UserError("dataset.few_threshold: must not exceed dataset.many_threshold")
     if config.dataset.synthetic.radius_min > config.dataset.synthetic.radius_max:
         raise UserError("dataset.synthetic.radius_min: must not exceed dataset.synthetic.radius_max")
-    if config.cr.tangent_dim != "auto" and config.cr.tangent_dim > config.cr.k:
-        raise UserError(f"cr.tangent_dim: must be 'auto' or at most cr.k = {config.cr.k}")
+    for dim_key, k_key, dim, k in (("cr.tangent_dim", "cr.k", config.cr.tangent_dim, config.cr.k),
+                                   ("eval.geometry_tangent_dim", "eval.geometry_k", config.eval.geometry_tangent_dim,
+                                    config.eval.geometry_k)):
+        if dim != "auto" and dim > k:
+            raise UserError(f"{dim_key}: must be 'auto' or at most {k_key} = {k}")
     if config.train.warmup_epochs >= config.train.epochs and config.train.warmup_epochs > 0:
         raise UserError(f"train.warmup_epochs: must be below train.epochs = {config.train.epochs}")
 

@@ -43,12 +43,17 @@ CLAIM_SETTLE_S = 2.0
 
 def config_differences(params: dict[str, str], config: ExperimentConfig) -> list[str]:
     """The keys whose value in ``config`` differs from the run's logged ``params``, as
-    ``key: <run's value> in the run, <value> here``; keys in :data:`MAY_DIFFER` are left out."""
+    ``key: <run's value> in the run, <value> here``; keys in :data:`MAY_DIFFER` are left out, and so
+    are keys the run did not record that are at their default here: a key added to curvlt after the
+    run started defaults to the behaviour the run trained with."""
+    defaults = public_params(ExperimentConfig())
     differences = []
     for key, value in public_params(config).items():
         if key.startswith(MAY_DIFFER):
             continue
         logged = params.get(key)
+        if logged is None and value == defaults.get(key):
+            continue
         if logged != value:
             differences.append(f"{key}: {'not recorded' if logged is None else logged} in the run, {value} here")
     return differences

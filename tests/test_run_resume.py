@@ -29,6 +29,17 @@ def test_only_what_a_run_trains_must_match():
     assert config_differences(params, other) == [f"train.lr: {params['train.lr']} in the run, 0.3 here"]
 
 
+def test_a_key_the_run_predates_must_be_at_its_default():
+    """A run logged before a key existed (here: its params lack the key) trained with the key's
+    default behaviour: resuming it at the default is the same run; at another value it is not."""
+    config = load_config("digits_lt")
+    params = public_params(config)
+    del params["eval.geometry_tangent_dim"]
+    assert config_differences(params, config) == []
+    other = load_config("digits_lt", ["eval.geometry_tangent_dim=2"])
+    assert config_differences(params, other) == ["eval.geometry_tangent_dim: not recorded in the run, 2 here"]
+
+
 def test_latest_is_the_newest_unfinished_run_with_this_config(store):
     config = load_config("digits_lt")
     finished, older, newer = (start_run(store, config) for _ in range(3))
