@@ -1,10 +1,11 @@
-"""Comparison across runs (SPEC §8): runs grouped by (dataset, loss, CR weight) by default,
-mean ± std over seeds, shot groups, curvature imbalance and the gain over the same dataset and
-loss without CR; as a table, CSV or JSON, and as plots logged to MLflow."""
+"""Comparison across runs (SPEC §8): runs grouped by (dataset, loss, CR weight) by default, and a
+sweep's also by every other key it varies; mean ± std over seeds, shot groups, curvature imbalance
+and the gain over the same group without CR; as a table, CSV or JSON, and as plots logged to MLflow."""
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib
@@ -40,17 +41,33 @@ def runs_frame(experiment: str, uri: str) -> pd.DataFrame:
         rows.append(row)
     if not rows:
         raise UserError(f"--experiment: {experiment!r} has no finished runs yet")
-    frame = pd.DataFrame(rows)
-    if "cr.weight" in frame:
-        frame["cr.weight"] = frame["cr.weight"].astype(float)
-    return frame
+    return pd.DataFrame(rows)
+
+
+def sweep_group_by(swept: Iterable[str]) -> list[str]:
+    """A sweep's comparison groups: the default keys and every key the sweep varies, except
+    ``seed``, whose trials are the repeats that each group's mean and std are taken over."""
+    return DEFAULT_GROUP_BY + [key for key in swept if key not in DEFAULT_GROUP_BY and key != "seed"]
+
+
+def _numbers_where_possible(column: pd.Series) -> pd.Series:
+    """A param column (MLflow logs strings) as numbers when every value is one, so that groups
+    sort 2 < 10 and compare equal to their config values."""
+    try:
+        return pd.to_numeric(column)
+    except (ValueError, TypeError):
+        return column
 
 
 def compare_runs(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
+    """One row per group of ``frame``'s runs: their count, mean and std of top-1, shot groups, the
+    curvature imbalance, and the gain in top-1 over the group that differs only in having
+    ``cr.weight`` 0 (NaN where the runs have none)."""
     missing = [key for key in group_by if key not in frame]
     if missing:
         raise UserError(f"--group-by: {missing[0]!r} is not a logged param; try one of "
                         f"{', '.join(sorted(c for c in frame.columns if '.' in c)[:12])}, ...")
+    frame = frame.assign(**{key: _numbers_where_possible(frame[key]) for key in group_by})
     grouped = frame.groupby(group_by, dropna=False)
     table = grouped.agg(n_runs=("run_id", "count"), acc_mean=("acc", "mean"), acc_std=("acc", "std"),
                         acc_many_mean=("acc_many", "mean"), acc_medium_mean=("acc_medium", "mean"),
@@ -58,10 +75,12 @@ def compare_runs(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
                         curvature_imbalance_mean=("curvature_imbalance", "mean")).reset_index()
     table["acc_std"] = table["acc_std"].fillna(0.0)
     table["delta_acc_vs_no_cr"] = np.nan
-    if {"dataset.name", "loss.name", "cr.weight"} <= set(group_by):
-        baseline = table[table["cr.weight"] == 0.0].set_index(["dataset.name", "loss.name"])["acc_mean"]
-        keys = list(zip(table["dataset.name"], table["loss.name"]))
-        table["delta_acc_vs_no_cr"] = [row - baseline.get(key, np.nan) for row, key in zip(table["acc_mean"], keys)]
+    if "cr.weight" in group_by:
+        others = [key for key in group_by if key != "cr.weight"]
+        no_cr = table[table["cr.weight"] == 0.0]
+        baseline = dict(zip(no_cr[others].itertuples(index=False, name=None), no_cr["acc_mean"]))
+        table["delta_acc_vs_no_cr"] = [acc - baseline.get(key, np.nan) for acc, key in
+                                       zip(table["acc_mean"], table[others].itertuples(index=False, name=None))]
     return table.rename(columns=COLUMN_NAMES).sort_values([COLUMN_NAMES.get(k, k) for k in group_by])
 
 
@@ -73,15 +92,22 @@ def render(table: pd.DataFrame, fmt: str) -> str:
     return table.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
-def plot_accuracy_vs_weight(table: pd.DataFrame, path: Path) -> Path:
+def _label(keys: list[str], values: object) -> str:
+    values = values if isinstance(values, tuple) else (values,)
+    return ", ".join(str(v) if key == "loss" else f"{key}={v}" for key, v in zip(keys, values))
+
+
+def plot_accuracy_vs_weight(table: pd.DataFrame, path: Path, series: list[str]) -> Path:
+    """Top-1 against the CR weight, one panel per dataset, one line per value of the ``series``
+    columns (the loss, and any other key the runs were grouped by)."""
     datasets = sorted(table["dataset"].unique()) if "dataset" in table else []
     fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(4.5 * max(1, len(datasets)), 3.8), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         subset = table[table["dataset"] == dataset]
-        for loss, rows in subset.groupby("loss"):
+        for values, rows in subset.groupby(series):
             rows = rows.sort_values("cr_weight")
             ax.errorbar(rows["cr_weight"], 100 * rows["acc_mean"], yerr=100 * rows["acc_std"], marker="o",
-                        capsize=3, label=loss)
+                        capsize=3, label=_label(series, values))
         ax.set_title(dataset, fontsize=9)
         ax.set_xlabel("CR weight λ")
         ax.set_ylabel("test top-1 (%)")
@@ -92,11 +118,10 @@ def plot_accuracy_vs_weight(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def plot_correlations(frame: pd.DataFrame, uri: str, path: Path) -> Path:
-    """Mean Pearson r (class accuracy vs curvature) per epoch for each (dataset, loss, weight)."""
+def plot_correlations(frame: pd.DataFrame, uri: str, path: Path, group_by: list[str]) -> Path:
+    """Mean Pearson r (class accuracy vs curvature) per epoch for each group of runs."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    keys = [k for k in DEFAULT_GROUP_BY if k in frame]
-    for group, rows in frame.groupby(keys):
+    for group, rows in frame.groupby(group_by):
         curves = []
         for run_id in rows["run_id"]:
             history = client(uri).get_metric_history(run_id, "geometry/corr_acc_curvature")
@@ -114,14 +139,16 @@ def plot_correlations(frame: pd.DataFrame, uri: str, path: Path) -> Path:
     return path
 
 
-def log_comparison(experiment: str, uri: str, frame: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> list[Path]:
+def log_comparison(experiment: str, uri: str, frame: pd.DataFrame, table: pd.DataFrame, group_by: list[str],
+                   out_dir: Path) -> list[Path]:
     """Save the table and plots under ``out_dir`` and log them to the experiment's "compare" run."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "comparison.csv"]
     table.to_csv(paths[0], index=False)
     if {"dataset", "loss", "cr_weight"} <= set(table.columns):
-        paths.append(plot_accuracy_vs_weight(table, out_dir / "accuracy_vs_weight.png"))
-    paths.append(plot_correlations(frame, uri, out_dir / "correlation_curves.png"))
+        series = [COLUMN_NAMES.get(k, k) for k in group_by if k not in ("dataset.name", "cr.weight")]
+        paths.append(plot_accuracy_vs_weight(table, out_dir / "accuracy_vs_weight.png", series))
+    paths.append(plot_correlations(frame, uri, out_dir / "correlation_curves.png", group_by))
     existing = find_run(uri, experiment, COMPARE_KEY)
     if existing is not None:
         run_id = existing.info.run_id
@@ -139,7 +166,8 @@ def compare_experiment(experiment: str, group_by: list[str] | None = None, track
     uri = resolve_tracking_uri(tracking_uri)
     check_store_exists(uri)
     frame = runs_frame(experiment, uri)
-    table = compare_runs(frame, group_by or DEFAULT_GROUP_BY)
+    group_by = group_by or DEFAULT_GROUP_BY
+    table = compare_runs(frame, group_by)
     with tempfile.TemporaryDirectory() as scratch:
-        log_comparison(experiment, uri, frame, table, out_dir or Path(scratch))
+        log_comparison(experiment, uri, frame, table, group_by, out_dir or Path(scratch))
     return table

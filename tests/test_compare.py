@@ -1,0 +1,42 @@
+"""Grouping and baselines of the comparison table (issue: sweeps, ``curvlt compare``), on run
+frames built here; the end-to-end path through a real sweep and MLflow is in test_sweep.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from orchestrator.compare import DEFAULT_GROUP_BY, compare_runs, plot_accuracy_vs_weight, sweep_group_by
+
+
+def runs(rows: list[tuple[str, str, str, float]]) -> pd.DataFrame:
+    """Runs as ``runs_frame`` gives them: params as MLflow's strings, metrics as numbers."""
+    return pd.DataFrame([{"run_id": str(i), "dataset.name": "d", "loss.name": "ce", "cr.weight": weight,
+                          "cr.balance_weight": beta, "seed": seed, "acc": acc, "acc_many": acc, "acc_medium": acc,
+                          "acc_few": acc, "curvature_imbalance": 0.1} for i, (weight, beta, seed, acc) in enumerate(rows)])
+
+
+def test_a_sweep_groups_by_what_it_varies_except_the_seed():
+    assert sweep_group_by({"cr.weight": {}, "seed": {}}) == DEFAULT_GROUP_BY
+    assert sweep_group_by({"cr.balance_weight": {}, "seed": {}, "loss.name": {}}) == [*DEFAULT_GROUP_BY,
+                                                                                      "cr.balance_weight"]
+
+
+def test_the_gain_is_over_the_group_that_differs_only_in_having_no_cr():
+    frame = runs([("0.0", "1.0", "0", 0.80), ("0.0", "1.0", "1", 0.82), ("0.5", "1.0", "0", 0.85),
+                  ("0.0", "4.0", "0", 0.70), ("0.5", "4.0", "0", 0.76), ("0.5", "10.0", "0", 0.90)])
+    table = compare_runs(frame, [*DEFAULT_GROUP_BY, "cr.balance_weight"]).set_index(["cr_weight", "cr.balance_weight"])
+    assert table.loc[(0.0, 1.0), "n_runs"] == 2 and table.loc[(0.0, 1.0), "delta_acc_vs_no_cr"] == pytest.approx(0.0)
+    assert table.loc[(0.5, 1.0), "delta_acc_vs_no_cr"] == pytest.approx(0.04)
+    assert table.loc[(0.5, 4.0), "delta_acc_vs_no_cr"] == pytest.approx(0.06)
+    assert np.isnan(table.loc[(0.5, 10.0), "delta_acc_vs_no_cr"])  # no run without CR at this balance weight
+    assert table.loc[0.5].index.tolist() == [1.0, 4.0, 10.0]  # params compared as numbers: 4 sorts before 10
+
+
+def test_accuracy_plot_draws_a_line_per_loss_and_other_grouped_key(tmp_path):
+    frame = runs([("0.0", "1.0", "0", 0.80), ("0.5", "1.0", "0", 0.85), ("0.0", "4.0", "0", 0.70),
+                  ("0.5", "4.0", "0", 0.76)])
+    table = compare_runs(frame, [*DEFAULT_GROUP_BY, "cr.balance_weight"])
+    path = plot_accuracy_vs_weight(table, tmp_path / "plot.png", ["loss", "cr.balance_weight"])
+    assert path.stat().st_size > 0
