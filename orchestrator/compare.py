@@ -16,7 +16,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from orchestrator.errors import UserError  # noqa: E402
-from orchestrator.tracking import RUN_KEY_TAG, check_store_exists, client, find_run, resolve_tracking_uri  # noqa: E402
+from orchestrator.tracking import (RUN_KEY_TAG, SWEPT_TAG, check_store_exists, client, find_run,  # noqa: E402
+                                   resolve_tracking_uri)
 
 DEFAULT_GROUP_BY = ["dataset.name", "loss.name", "cr.weight"]
 COLUMN_NAMES = {"dataset.name": "dataset", "loss.name": "loss", "cr.weight": "cr_weight"}
@@ -26,7 +27,8 @@ COMPARE_KEY = "compare"
 
 
 def runs_frame(experiment: str, uri: str) -> pd.DataFrame:
-    """One row per FINISHED training run: all params plus the final headline metrics."""
+    """One row per FINISHED training run: all params, the final headline metrics, and ``swept``:
+    the keys its sweep varied ("" for a run outside a sweep)."""
     found = client(uri).get_experiment_by_name(experiment)
     if found is None:
         raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {uri.split('@')[-1]}")
@@ -36,7 +38,7 @@ def runs_frame(experiment: str, uri: str) -> pd.DataFrame:
     for run in runs:
         if run.data.tags.get(RUN_KEY_TAG) == COMPARE_KEY:
             continue
-        row = {"run_id": run.info.run_id, **run.data.params}
+        row = {"run_id": run.info.run_id, **run.data.params, "swept": run.data.tags.get(SWEPT_TAG, "")}
         row.update({name: run.data.metrics.get(key, np.nan) for name, key in FINAL_METRICS.items()})
         rows.append(row)
     if not rows:
@@ -47,7 +49,14 @@ def runs_frame(experiment: str, uri: str) -> pd.DataFrame:
 def sweep_group_by(swept: Iterable[str]) -> list[str]:
     """A sweep's comparison groups: the default keys and every key the sweep varies, except
     ``seed``, whose trials are the repeats that each group's mean and std are taken over."""
-    return DEFAULT_GROUP_BY + [key for key in swept if key not in DEFAULT_GROUP_BY and key != "seed"]
+    return DEFAULT_GROUP_BY + [key for key in dict.fromkeys(swept) if key not in DEFAULT_GROUP_BY and key != "seed"]
+
+
+def default_group_by(frame: pd.DataFrame) -> list[str]:
+    """:func:`sweep_group_by` over every key that any of ``frame``'s sweeps varied and all its runs
+    logged (a run of an older curvlt may lack a newer key)."""
+    swept = (key for keys in frame["swept"] for key in keys.split(",") if key)
+    return [key for key in sweep_group_by(swept) if key in frame]
 
 
 def _numbers_where_possible(column: pd.Series) -> pd.Series:
@@ -166,7 +175,7 @@ def compare_experiment(experiment: str, group_by: list[str] | None = None, track
     uri = resolve_tracking_uri(tracking_uri)
     check_store_exists(uri)
     frame = runs_frame(experiment, uri)
-    group_by = group_by or DEFAULT_GROUP_BY
+    group_by = group_by or default_group_by(frame)
     table = compare_runs(frame, group_by)
     with tempfile.TemporaryDirectory() as scratch:
         log_comparison(experiment, uri, frame, table, group_by, out_dir or Path(scratch))

@@ -21,6 +21,8 @@ from orchestrator.errors import UserError
 RUN_KEY_TAG = "curvlt.run_key"
 #: Tag holding the sweep a trial's run belongs to.
 SWEEP_TAG = "curvlt.sweep"
+#: Tag holding the config keys a trial's sweep varies, comma-separated (how ``curvlt compare`` groups).
+SWEPT_TAG = "curvlt.swept"
 #: Metric whose history tells which epochs a run has already logged.
 EPOCH_MARKER = "test/acc"
 _SECRET_QUERY = re.compile(r"(?i)((?:token|key|secret|password|pwd|sig)[^=&]*=)[^&]*")

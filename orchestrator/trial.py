@@ -21,7 +21,7 @@ from ray.train import UserCallback
 from ray.util.queue import Empty, Queue
 
 from orchestrator.search_space import SearchSpace, trial_config
-from orchestrator.tracking import SWEEP_TAG, client
+from orchestrator.tracking import SWEEP_TAG, SWEPT_TAG, client
 from orchestrator.trainer import TrainingOutcome, train
 
 #: How long a stopping trial waits for its aborted run to wind down before its actor goes anyway.
@@ -50,7 +50,8 @@ class SweepTrial(tune.Trainable):
         values = {key: value for key, value in config.items() if key != "base"}
         self.experiment = trial_config(space, config["base"], values, cli_overrides)
         self.run_key = f"{sweep_id}/{self.trial_id}"
-        self.tags = {SWEEP_TAG: sweep_id, "curvlt.trial": self.trial_id, "curvlt.space": space.name}
+        self.tags = {SWEEP_TAG: sweep_id, "curvlt.trial": self.trial_id, "curvlt.space": space.name,
+                     SWEPT_TAG: ",".join(space.params)}
         self.metric = space.metric
         self.channel = Queue(actor_options={"num_cpus": 0})
         self.controller = None

@@ -20,14 +20,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.compare import compare_experiment, render, sweep_group_by
+    from orchestrator.compare import compare_experiment, render
     from orchestrator.sweep import run_sweep
 
     space = load_space(args.space, args.overrides)
     print(f"[curvlt] {space.name}: {count_trials(space)} trial(s) over {', '.join(space.base)}")
     outcome = run_sweep(space, args.overrides, args.resume)
     try:
-        print(render(compare_experiment(outcome.experiment, sweep_group_by(space.params)), "table"))
+        print(render(compare_experiment(outcome.experiment), "table"))
     except UserError as nothing_finished:  # stopped, or every trial failed, before one finished
         print(f"[curvlt] no table: {nothing_finished}")
     if outcome.interrupted:

@@ -7,12 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator.compare import DEFAULT_GROUP_BY, compare_runs, plot_accuracy_vs_weight, sweep_group_by
+from orchestrator.compare import (DEFAULT_GROUP_BY, compare_runs, default_group_by, plot_accuracy_vs_weight,
+                                  sweep_group_by)
 
 
 def runs(rows: list[tuple[str, str, str, float]]) -> pd.DataFrame:
     """Runs as ``runs_frame`` gives them: params as MLflow's strings, metrics as numbers."""
-    return pd.DataFrame([{"run_id": str(i), "dataset.name": "d", "loss.name": "ce", "cr.weight": weight,
+    return pd.DataFrame([{"run_id": str(i), "swept": "cr.balance_weight,seed", "dataset.name": "d", "loss.name": "ce",
+                          "cr.weight": weight,
                           "cr.balance_weight": beta, "seed": seed, "acc": acc, "acc_many": acc, "acc_medium": acc,
                           "acc_few": acc, "curvature_imbalance": 0.1} for i, (weight, beta, seed, acc) in enumerate(rows)])
 
@@ -21,6 +23,10 @@ def test_a_sweep_groups_by_what_it_varies_except_the_seed():
     assert sweep_group_by({"cr.weight": {}, "seed": {}}) == DEFAULT_GROUP_BY
     assert sweep_group_by({"cr.balance_weight": {}, "seed": {}, "loss.name": {}}) == [*DEFAULT_GROUP_BY,
                                                                                       "cr.balance_weight"]
+    frame = runs([("0.5", "1.0", "0", 0.8)])
+    assert default_group_by(frame) == [*DEFAULT_GROUP_BY, "cr.balance_weight"]  # from the runs' tags
+    frame["swept"] = ["cr.weight,train.new_key"]  # a key these runs did not log: not grouped by
+    assert default_group_by(frame) == DEFAULT_GROUP_BY
 
 
 def test_the_gain_is_over_the_group_that_differs_only_in_having_no_cr():

@@ -58,7 +58,7 @@ def test_tiny_sweep_then_compare_json(tmp_path):
     compared = curvlt("compare", "--experiment", "X", "--format", "json", cwd=tmp_path)
     assert compared.returncode == 0, compared.stderr
     groups = json.loads(compared.stdout)
-    assert [g["cr_weight"] for g in groups] == [0.0, 0.5]
+    assert [g["cr_weight"] for g in groups] == [0.0, 0.5] and {g["train.lr"] for g in groups} == {0.1}
     assert all(GROUP_KEYS <= set(g) for g in groups)
     assert groups[0]["delta_acc_vs_no_cr"] == 0.0 and groups[0]["n_runs"] == 1
     assert (tmp_path / "curvlt_compare" / "X" / "accuracy_vs_weight.png").is_file()
