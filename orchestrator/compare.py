@@ -22,7 +22,8 @@ from orchestrator.tracking import (RUN_KEY_TAG, SWEPT_TAG, check_store_exists, c
 DEFAULT_GROUP_BY = ["dataset.name", "loss.name", "cr.weight"]
 COLUMN_NAMES = {"dataset.name": "dataset", "loss.name": "loss", "cr.weight": "cr_weight"}
 FINAL_METRICS = {"acc": "test/acc", "acc_many": "test/acc_many", "acc_medium": "test/acc_medium",
-                 "acc_few": "test/acc_few", "curvature_imbalance": "geometry/curvature_imbalance"}
+                 "acc_few": "test/acc_few", "curvature": "geometry/curvature_mean",
+                 "curvature_imbalance": "geometry/curvature_imbalance"}
 COMPARE_KEY = "compare"
 
 
@@ -80,7 +81,7 @@ def compare_runs(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
     grouped = frame.groupby(group_by, dropna=False)
     table = grouped.agg(n_runs=("run_id", "count"), acc_mean=("acc", "mean"), acc_std=("acc", "std"),
                         acc_many_mean=("acc_many", "mean"), acc_medium_mean=("acc_medium", "mean"),
-                        acc_few_mean=("acc_few", "mean"),
+                        acc_few_mean=("acc_few", "mean"), curvature_mean=("curvature", "mean"),
                         curvature_imbalance_mean=("curvature_imbalance", "mean")).reset_index()
     table["acc_std"] = table["acc_std"].fillna(0.0)
     table["delta_acc_vs_no_cr"] = np.nan

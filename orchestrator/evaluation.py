@@ -59,11 +59,15 @@ def accuracy_metrics(per_class: np.ndarray, groups: np.ndarray) -> dict[str, flo
 
 
 def correlation_metrics(table: pd.DataFrame, accuracy: np.ndarray, prefix: str) -> dict[str, float]:
-    """Pearson and Spearman correlations across measured classes between accuracy and each measure,
-    and curvature imbalance (std/mean of class curvature). Undefined values are left out."""
+    """Pearson and Spearman correlations across measured classes between accuracy and each measure;
+    the class curvature's mean, and its imbalance (std/mean). Why both: CR lowers the mean, so the
+    imbalance, a ratio to it, can grow while the spread across classes stays the same. Undefined
+    values are left out."""
     measured = table[table["skipped"] == ""]
     metrics: dict[str, float] = {}
     curvature = measured[MEASURES["curvature"]].to_numpy(dtype=float)
+    if len(curvature) > 0:
+        metrics[f"{prefix}/curvature_mean"] = float(curvature.mean())
     if len(curvature) > 1 and curvature.mean() > 0:
         metrics[f"{prefix}/curvature_imbalance"] = float(curvature.std() / curvature.mean())
     acc = accuracy[measured["label"].to_numpy(dtype=int)]

@@ -176,7 +176,8 @@ def summary_table(outcome: TrainingOutcome) -> str:
     """Headline metrics and the last per-class table, as text."""
     metrics = outcome.final_metrics
     keys = ["test/acc", "test/acc_many", "test/acc_medium", "test/acc_few", "train/loss", "train/base_loss",
-            "train/cr_loss", "cr/tangent_dim", "geometry/curvature_imbalance", "geometry/corr_acc_curvature",
+            "train/cr_loss", "cr/tangent_dim", "geometry/curvature_mean", "geometry/curvature_imbalance",
+            "geometry/corr_acc_curvature",
             "geometry/corr_acc_separation", "geometry/corr_acc_volume"]
     lines = [f"run {outcome.run_id}  (MLflow: {outcome.tracking_uri.split('@')[-1]})"]
     lines += [f"  {key:34s} {metrics[key]:.4f}" for key in keys if key in metrics]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -62,3 +63,14 @@ def test_training_runs_geometry_table_measures_at_the_configured_dimension(rng):
     assert (tables["auto"][["train_tangent_dim", "test_tangent_dim"]] == 3).all().all()
     assert (tables[2][["train_tangent_dim", "test_tangent_dim"]] == 2).all().all()
     assert (tables[2]["train_mean_angle"] > 2 * tables["auto"]["train_mean_angle"]).all()
+
+
+def test_training_runs_curvature_mean_and_imbalance_leave_skipped_classes_out():
+    from orchestrator.evaluation import correlation_metrics
+
+    table = pd.DataFrame({"label": [0, 1, 2, 3], "mean_angle": [1.0, 2.0, 3.0, np.nan], "separation": [0.1] * 4,
+                          "volume": [1.0] * 4, "skipped": ["", "", "", "fewer than k + 1 = 11 points"]})
+    metrics = correlation_metrics(table, np.array([0.9, 0.8, 0.7, 0.5]), "geometry")
+    assert metrics["geometry/curvature_mean"] == pytest.approx(2.0)
+    assert metrics["geometry/curvature_imbalance"] == pytest.approx(np.std([1.0, 2.0, 3.0]) / 2.0)
+    assert metrics["geometry/corr_acc_curvature"] == pytest.approx(-1.0)

@@ -19,7 +19,8 @@ from orchestrator.tracking import redact
 
 CURVLT = shutil.which("curvlt") or str(Path(sys.executable).with_name("curvlt"))
 EXPECTED_METRICS = ["train/loss", "train/base_loss", "train/cr_loss", "test/acc", "test/acc_many", "test/acc_medium",
-                    "test/acc_few", "geometry/curvature_imbalance", "geometry/corr_acc_curvature",
+                    "test/acc_few", "geometry/curvature_mean", "geometry/curvature_imbalance",
+                    "geometry/corr_acc_curvature",
                     "geometry/corr_acc_separation", "geometry/corr_acc_volume",
                     "geometry/corr_acc_curvature_spearman", "geometry/corr_acc_separation_spearman",
                     "geometry/corr_acc_volume_spearman"]
