@@ -1,6 +1,7 @@
 """Comparison across runs (SPEC §8): runs grouped by (dataset, loss, CR weight) by default, and a
-sweep's also by every other key it varies; mean ± std over seeds, shot groups, curvature imbalance
-and the gain over the same group without CR; as a table, CSV or JSON, and as plots logged to MLflow."""
+sweep's also by every other key it varies; mean ± std over seeds, shot groups, mean curvature and
+curvature imbalance, and the gain over the same group without CR; as a table, CSV or JSON, and as
+plots logged to MLflow."""
 
 from __future__ import annotations
 
@@ -70,9 +71,9 @@ def _numbers_where_possible(column: pd.Series) -> pd.Series:
 
 
 def compare_runs(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
-    """One row per group of ``frame``'s runs: their count, mean and std of top-1, shot groups, the
-    curvature imbalance, and the gain in top-1 over the group that differs only in having
-    ``cr.weight`` 0 (NaN where the runs have none)."""
+    """One row per group of ``frame``'s runs: their count, mean and std of top-1, shot groups, mean
+    curvature and curvature imbalance, and the gain in top-1 over the group that differs only in
+    having ``cr.weight`` 0 (NaN where the runs have none)."""
     missing = [key for key in group_by if key not in frame]
     if missing:
         raise UserError(f"--group-by: {missing[0]!r} is not a logged param; try one of "
