@@ -75,7 +75,7 @@ def _eigh_forward(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         parts = list(_pool().map(torch.linalg.eigh, flat.split(max(1, _SERIAL_ELEMENTS // flat[0].numel()))))
     else:
         parts = [torch.linalg.eigh(flat)]
-    evals, evecs = parts[0] if len(parts) == 1 else (torch.cat(list(pieces)) for pieces in zip(*parts))
+    evals, evecs = _joined(parts)
     failed = ~torch.isfinite(evals).all(dim=-1)
     if bool(failed.any()):
         # float32 syevd returns NaN on some exactly rank-deficient inputs (seen with quantised
@@ -170,7 +170,11 @@ def _give_up(name: str, error: Exception) -> None:
 def cusolver_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh`` of a CUDA batch (B, n, n) by cuSOLVER alone, in the batches it accepts
     (:data:`_CUDA_MAX_BATCH`), each by :func:`_cuda_eigh`."""
-    parts = [_cuda_eigh(part) for part in matrices.split(_CUDA_MAX_BATCH)]
+    return _joined([_cuda_eigh(part) for part in matrices.split(_CUDA_MAX_BATCH)])
+
+
+def _joined(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigen-decompositions of consecutive slices of one batch, as the batch's."""
     if len(parts) == 1:
         return parts[0]
     return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
