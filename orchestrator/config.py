@@ -264,6 +264,17 @@ def _cross_checks(config: ExperimentConfig) -> None:
         raise UserError(f"train.warmup_epochs: must be below train.epochs = {config.train.epochs}")
 
 
+def check_feature_dim(config: ExperimentConfig, feature_dim: int) -> None:
+    """The fixed tangent dimensions against the model's feature dimension, which only the built
+    model knows: a tangent space cannot have more dimensions than the space it lies in (SPEC §2).
+    Called by the driver before any worker starts and by each worker before its first step."""
+    for key, dim in (("cr.tangent_dim", config.cr.tangent_dim),
+                     ("eval.geometry_tangent_dim", config.eval.geometry_tangent_dim)):
+        if dim != "auto" and dim > feature_dim:
+            raise UserError(f"{key}: must be 'auto' or at most model {config.model.name}'s feature dimension "
+                            f"{feature_dim}, got {dim}")
+
+
 def resolve_named_file(name_or_path: str, folder: Path, kind: str) -> Path:
     """A bundled file's name (``digits_lt`` -> ``folder/digits_lt.yaml``) or a path to a YAML file."""
     path = Path(name_or_path)

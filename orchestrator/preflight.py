@@ -16,7 +16,7 @@ import sys
 
 import ray
 
-from orchestrator.config import ExperimentConfig, ScalingConfig
+from orchestrator.config import ExperimentConfig, ScalingConfig, check_feature_dim
 from orchestrator.errors import UserError
 from orchestrator.ray_env import started_here
 
@@ -70,12 +70,20 @@ def check_run_can_start(config: ExperimentConfig) -> None:
     """Everything above for one run, on the Ray this process is connected to. On a Ray started here
     the driver also builds the run's dataset once, as its workers (on this machine, reading the
     same files) will: a missing dataset stops here with its one-line message, and a download
-    happens once rather than in every worker at the same time."""
+    happens once rather than in every worker at the same time. With the dataset's shape it builds
+    the model without memory (PyTorch's meta device) to check the tangent dimensions against the
+    model's feature dimension. On a joined cluster each worker makes the same checks."""
     check_workers_fit(config.scaling)
     if started_here():
-        from orchestrator.data.datasets import build_dataset
+        import torch
 
-        build_dataset(config.dataset, config.seed)
+        from orchestrator.data.datasets import build_dataset
+        from orchestrator.models import create_model
+
+        data = build_dataset(config.dataset, config.seed)
+        with torch.device("meta"):
+            model = create_model(config.model.name, data.input_shape, data.num_classes)
+        check_feature_dim(config, model.feature_dim)
 
 
 def _number(value: float) -> str:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from curvature.regularizer import CurvatureRegularizer
-from orchestrator.config import ExperimentConfig, config_from_dict
+from orchestrator.config import ExperimentConfig, check_feature_dim, config_from_dict
 from orchestrator.data import build_dataset
 from orchestrator.data.long_tail import per_class_subsample, shot_groups
 from orchestrator.evaluation import (accuracy_metrics, class_accuracy, correlation_metrics, geometry_table, predict,
@@ -69,6 +69,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     groups = shot_groups(data.class_counts, config.dataset.many_threshold, config.dataset.few_threshold)
     model = create_model(config.model.name, data.input_shape, data.num_classes)
     feature_dim = model.feature_dim
+    check_feature_dim(config, feature_dim)  # a joined cluster's driver did not build the model
     model = ray.train.torch.prepare_model(model)
     base_loss = create_loss(config.loss, data.class_counts).to(device)
     cr = CurvatureRegularizer(data.num_classes, feature_dim, weight=config.cr.weight,

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from torchvision.datasets import CIFAR10, FashionMNIST
 
 from conftest import free_port
-from orchestrator.config import DatasetConfig
+from orchestrator.config import DatasetConfig, check_feature_dim, load_config
 from orchestrator.data import datasets
 from orchestrator.errors import UserError
 from orchestrator.preflight import workers_that_fit
@@ -64,6 +64,31 @@ def test_missing_dataset_stops_in_the_driver(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("curvlt: error: dataset cifar10_lt: not found under")
     assert "Traceback" not in result.stderr and "RayTrainWorker" not in result.stderr  # no worker started
+    assert runs_in(store) == 0
+
+
+def test_tangent_dims_are_checked_against_the_models_feature_dim():
+    config = load_config("digits_lt", ["cr.k=70", "eval.geometry_k=70", "cr.tangent_dim=64"])
+    check_feature_dim(config, 64)  # equal is allowed; eval.geometry_tangent_dim is "auto"
+    with pytest.raises(UserError, match=r"^cr.tangent_dim: must be 'auto' or at most model mlp's feature "
+                                        r"dimension 63, got 64$"):
+        check_feature_dim(config, 63)
+    config = load_config("digits_lt", ["eval.geometry_k=70", "eval.geometry_tangent_dim=65"])
+    with pytest.raises(UserError, match=r"^eval.geometry_tangent_dim: .* feature dimension 64, got 65$"):
+        check_feature_dim(config, 64)
+
+
+def test_a_tangent_dim_above_the_feature_dim_stops_in_the_driver(tmp_path):
+    """Before this check the evaluation's dimension failed at the first geometry epoch, after
+    training, and CR's in every worker, with a traceback each and a retry per
+    ``checkpoint.max_failures``."""
+    store = tmp_path / "mlflow.db"
+    result = curvlt("train", "digits_lt", "--set", "eval.geometry_k=70", "--set", "eval.geometry_tangent_dim=65",
+                    "--set", f"mlflow.tracking_uri=sqlite:///{store}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == ("curvlt: error: eval.geometry_tangent_dim: must be 'auto' or "
+                                                      "at most model mlp's feature dimension 64, got 65")
+    assert "Traceback" not in result.stderr and "RayTrainWorker" not in result.stderr
     assert runs_in(store) == 0
 
 
