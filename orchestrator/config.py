@@ -20,6 +20,10 @@ import yaml
 from orchestrator.errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+#: Config keys (prefixes) that do not change what a run computes: workers and devices,
+#: checkpointing, progress lines, tracking location and name, where the data is read from. A resumed
+#: run may change them, and sweeps are not compared by them.
+NOT_COMPUTED = ("scaling.", "checkpoint.", "mlflow.", "train.progress_every_s", "dataset.root", "dataset.download")
 
 
 @dataclass

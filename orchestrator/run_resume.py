@@ -9,7 +9,7 @@ A run whose driver is still training is not continued (:mod:`orchestrator.run_he
 two drivers resuming one run at the same moment only one goes on (:func:`claim`). Only
 a run trained with the same config is continued: a run resumed with another learning rate or
 loss would be neither of the two experiments. Keys that change where or how fast a run trains, not
-what it trains, may differ (:data:`MAY_DIFFER`).
+what it trains, may differ (:data:`~orchestrator.config.NOT_COMPUTED`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from orchestrator.config import ExperimentConfig
+from orchestrator.config import NOT_COMPUTED, ExperimentConfig
 from orchestrator.errors import UserError
 from orchestrator.run_heartbeat import (HEARTBEAT_TAG, INTERVAL_S, STALE_AFTER_S, looks_alive, now_stamp,
                                         seconds_since_heartbeat)
@@ -28,9 +28,6 @@ from orchestrator.tracking import RUN_KEY_TAG, client, experiment_runs, logged_e
 
 #: ``--resume`` without a run id: the newest unfinished run of the config's experiment with this config.
 LATEST = "latest"
-#: Config keys (prefixes) a resumed run may change: workers and devices, checkpointing, progress
-#: lines, tracking location and name, where the data is read from.
-MAY_DIFFER = ("scaling.", "checkpoint.", "mlflow.", "train.progress_every_s", "dataset.root", "dataset.download")
 #: Tag with the folder (or URI) holding a run's Ray Train checkpoints, so that it is found again
 #: from any working directory.
 STORAGE_TAG = "curvlt.storage"
@@ -43,13 +40,13 @@ CLAIM_SETTLE_S = 2.0
 
 def config_differences(params: dict[str, str], config: ExperimentConfig) -> list[str]:
     """The keys whose value in ``config`` differs from the run's logged ``params``, as
-    ``key: <run's value> in the run, <value> here``; keys in :data:`MAY_DIFFER` are left out, and so
+    ``key: <run's value> in the run, <value> here``; keys in :data:`~orchestrator.config.NOT_COMPUTED` are left out, and so
     are keys the run did not record that are at their default here: a key added to curvlt after the
     run started defaults to the behaviour the run trained with."""
     defaults = public_params(ExperimentConfig())
     differences = []
     for key, value in public_params(config).items():
-        if key.startswith(MAY_DIFFER):
+        if key.startswith(NOT_COMPUTED):
             continue
         logged = params.get(key)
         if logged is None and value == defaults.get(key):

@@ -20,7 +20,7 @@ from ray import tune
 from ray.train import UserCallback
 from ray.util.queue import Empty, Queue
 
-from orchestrator.search_space import SearchSpace, trial_config
+from orchestrator.search_space import SearchSpace, swept_keys, trial_config
 from orchestrator.tracking import SWEEP_TAG, SWEPT_TAG, client
 from orchestrator.trainer import TrainingOutcome, train
 
@@ -51,7 +51,7 @@ class SweepTrial(tune.Trainable):
         self.experiment = trial_config(space, config["base"], values, cli_overrides)
         self.run_key = f"{sweep_id}/{self.trial_id}"
         self.tags = {SWEEP_TAG: sweep_id, "curvlt.trial": self.trial_id, "curvlt.space": space.name,
-                     SWEPT_TAG: ",".join(space.params)}
+                     SWEPT_TAG: ",".join(swept_keys(space, cli_overrides))}
         self.metric = space.metric
         self.channel = Queue(actor_options={"num_cpus": 0})
         self.controller = None

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from orchestrator.errors import UserError
-from orchestrator.search_space import SPACE_DIR, SearchSpace, count_trials, load_space, trial_config, tune_param_space
+from orchestrator.config import CONFIG_DIR
+from orchestrator.search_space import (SPACE_DIR, SearchSpace, count_trials, load_space, swept_keys, trial_config,
+                                         tune_param_space)
 from orchestrator.sweep import search_algorithm
 
 SHIPPED = sorted(path.stem for path in SPACE_DIR.glob("*.yaml"))
@@ -32,6 +35,19 @@ def test_cli_overrides_win_over_the_space(tmp_path):
     space = load_space("quickstart", ["mlflow.experiment=X", "train.epochs=2"])
     config = trial_config(space, "digits_lt", {"cr.weight": 0.5}, ["mlflow.experiment=X", "train.epochs=2"])
     assert config.mlflow.experiment == "X" and config.train.epochs == 2 and config.cr.weight == 0.5
+
+
+def test_swept_keys_include_what_the_bases_differ_in(tmp_path):
+    """Two bases of one dataset that differ in ``cr.k`` (and in where they checkpoint, which does
+    not change what a run computes): ``curvlt compare`` must not pool their runs."""
+    data = yaml.safe_load((CONFIG_DIR / "digits_lt.yaml").read_text())
+    data["cr"]["k"], data.setdefault("checkpoint", {})["every"] = 12, 2
+    other = tmp_path / "digits_k12.yaml"
+    other.write_text(yaml.safe_dump(data))
+    space = load_space(write(tmp_path, f"base: [digits_lt, {other}]\nparam_space:\n  cr.weight: {{grid: [0, 0.5]}}\n"))
+    assert swept_keys(space, []) == ["cr.weight", "cr.k"]
+    assert swept_keys(load_space("fashion_mnist_lt_weights"), []) == ["cr.weight", "seed"]
+    assert swept_keys(load_space("quickstart"), []) == ["cr.weight", "seed"]  # two datasets: nothing added
 
 
 def write(tmp_path, text: str) -> str:
