@@ -97,7 +97,7 @@ def class_volumes(points: torch.Tensor, members: list[torch.Tensor], scale: floa
     volumes = [torch.zeros((), dtype=torch.float64, device=points.device)] * len(members)
     p = points.shape[1]
     for size, indices in by_size.items():
-        for part in chunk_ranges(len(indices), max(size, p) * min(size, p)):
+        for part in chunk_ranges(len(indices), size * p):
             chosen = indices[part]
             for index, value in zip(chosen, volumes_bits(torch.stack([points[members[i]] for i in chosen]), scale)):
                 volumes[index] = value
@@ -109,8 +109,9 @@ def volumes_without_each(points: torch.Tensor, members: list[torch.Tensor], scal
     class), differentiable.
 
     Why not ``volume_bits(points[~mask])`` per class: that reads all other classes' points once
-    per class, O(C·n·p²): 87 s for 1,000 classes of 100 points in 128 dimensions on 2 cores, and
-    hours for ImageNet-LT's 1,000 classes in ResNeXt-50's 2,048 (``benchmarks/geometry.py``).
+    per class, O(C·n·p²): 87-108 s for 1,000 classes of 100 points in 128 dimensions on 2 cores,
+    and about an hour for ImageNet-LT's 1,000 classes of 50 in ResNeXt-50's 2,048 (README,
+    ``benchmarks/geometry.py``).
     About the mean μ of all points, the parallel-axis theorem gives the rest's centred scatter
     from sums over the class alone,
 
@@ -151,6 +152,7 @@ def volumes_without_each(points: torch.Tensor, members: list[torch.Tensor], scal
             by_size.setdefault(size, []).append(index)
         else:
             downdated.append(index)
+    # The first way, one Cholesky factor per class size.
     identity = torch.eye(p, dtype=torch.float64, device=points.device)
     trace = float(torch.diagonal(scatter).sum().detach())
     for size, indices in by_size.items():
@@ -172,6 +174,7 @@ def volumes_without_each(points: torch.Tensor, members: list[torch.Tensor], scal
                     volumes[index] = 0.5 * (log_det + torch.log(values).sum()) / math.log(2)
                 else:
                     downdated.append(index)
+    # The second way, batched p x p eigen-problems.
     matrices: list[tuple[int, torch.Tensor]] = []
     for index in downdated:
         rest_count = n - int(members[index].sum())
