@@ -7,6 +7,8 @@ in by accident.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pandas as pd
 import torch
 
@@ -20,11 +22,13 @@ COLUMNS = ["label", "count", "volume", "separation", "mean_angle", "mean_kappa",
 
 
 def class_geometry(features: ArrayLike, labels: ArrayLike, k: int = 10, tangent_dim: TangentDim = "auto",
-                   backend: Backend = "auto") -> pd.DataFrame:
+                   backend: Backend = "auto", progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
     """Measure every class manifold of ``features`` (n, p) grouped by ``labels`` (n,).
 
     Columns: ``label, count, volume, separation, mean_angle, mean_kappa, median_angle,
-    median_kappa, tangent_dim, skipped`` ("" or the reason a measure is missing).
+    median_kappa, tangent_dim, skipped`` ("" or the reason a measure is missing). ``progress``,
+    if given, is called with (classes measured, classes) after each class: thousands of classes
+    take minutes, and this package does not print.
     """
     check_positive_k(k)
     points, label_t = as_class_features(features, labels)
@@ -45,4 +49,6 @@ def class_geometry(features: ArrayLike, labels: ArrayLike, k: int = 10, tangent_
                            median_angle=float(curv.median_angle), median_kappa=float(curv.median_kappa),
                            tangent_dim=curv.tangent_dim)
             rows.append(row)
+            if progress is not None:
+                progress(len(rows), len(sep.labels))
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from curvature import class_geometry
 from curvature.rotation import TangentDim
+from orchestrator.progress import ProgressLine
 
 SHOT_NAMES = ("many", "medium", "few")
 #: Geometry measure -> column of curvature.class_geometry; "curvature" is the dimensionless angle
@@ -81,10 +82,15 @@ def correlation_metrics(table: pd.DataFrame, accuracy: np.ndarray, prefix: str) 
 
 
 def geometry_table(train: Predictions, test: Predictions, accuracy: np.ndarray, train_counts: np.ndarray,
-                   k: int, tangent_dim: TangentDim = "auto", true_curvature: np.ndarray | None = None) -> pd.DataFrame:
-    """One row per class: accuracy, training count, and the geometry of train and test features."""
-    train_geo = class_geometry(train.features, train.labels, k=k, tangent_dim=tangent_dim).set_index("label")
-    test_geo = class_geometry(test.features, test.labels, k=k, tangent_dim=tangent_dim).set_index("label")
+                   k: int, tangent_dim: TangentDim = "auto", true_curvature: np.ndarray | None = None,
+                   progress_every_s: float = 0.0) -> pd.DataFrame:
+    """One row per class: accuracy, training count, and the geometry of train and test features;
+    a progress line every ``progress_every_s`` seconds (0: none) while it measures."""
+    train_geo = class_geometry(train.features, train.labels, k=k, tangent_dim=tangent_dim,
+                               progress=ProgressLine("geometry of the training features", progress_every_s))
+    test_geo = class_geometry(test.features, test.labels, k=k, tangent_dim=tangent_dim,
+                              progress=ProgressLine("geometry of the test features", progress_every_s))
+    train_geo, test_geo = train_geo.set_index("label"), test_geo.set_index("label")
     table = pd.DataFrame({"label": np.arange(len(accuracy)), "accuracy": accuracy, "train_images": train_counts})
     table = table.join(train_geo.add_prefix("train_"), on="label").join(test_geo.add_prefix("test_"), on="label")
     if true_curvature is not None:

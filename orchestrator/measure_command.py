@@ -12,6 +12,10 @@ from curvature import class_geometry
 from orchestrator.errors import UserError
 from orchestrator.features_io import load_features
 from orchestrator.measure_example import EXAMPLE_PATH
+from orchestrator.progress import ProgressLine
+
+#: Seconds between progress lines while a large file is measured.
+PROGRESS_EVERY_S = 10.0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out: unsupported extension {Path(args.out).suffix!r}; use .csv or .json")
     try:
         table = class_geometry(features, labels, k=args.k, tangent_dim=_tangent_dim(args.tangent_dim),
-                               backend=args.backend)
+                               backend=args.backend, progress=ProgressLine(f"measuring {path.name}", PROGRESS_EVERY_S))
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     if args.example:

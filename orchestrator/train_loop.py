@@ -153,7 +153,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             if measure_geometry:
                 train = predict(_unwrap(model), geometry_loader, device)
                 table = geometry_table(train, test, per_class, data.class_counts, config.eval.geometry_k,
-                                       config.eval.geometry_tangent_dim, data.true_curvature)
+                                       config.eval.geometry_tangent_dim, data.true_curvature, progress_every)
                 metrics.update(correlation_metrics(split_geometry(table, "train"), per_class, "geometry"))
                 metrics.update(correlation_metrics(split_geometry(table, "test"), per_class, "geometry_test"))
             seconds["eval"] += time.perf_counter() - clock

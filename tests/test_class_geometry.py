@@ -23,6 +23,13 @@ def test_one_row_per_class_with_true_curvature(rng):
         assert row["mean_angle"] > 0 and row["volume"] > 0
 
 
+def test_progress_is_reported_after_each_class(rng):
+    features = np.concatenate([rng.normal(size=(40, 5)), rng.normal(size=(6, 5)), rng.normal(size=(30, 5))])
+    calls = []
+    class_geometry(features, np.repeat([4, 1, 2], [40, 6, 30]), k=10, progress=lambda *call: calls.append(call))
+    assert calls == [(1, 3), (2, 3), (3, 3)]  # the skipped class counts too
+
+
 def test_small_class_is_skipped_not_averaged(rng):
     features = np.concatenate([rng.normal(size=(100, 5)), rng.normal(size=(6, 5))])
     labels = np.repeat([0, 1], [100, 6])

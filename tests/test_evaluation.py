@@ -10,6 +10,7 @@ import torch
 
 from curvature import manifolds
 from orchestrator.evaluation import Predictions, correlation_metrics, geometry_table
+from orchestrator.progress import ProgressLine
 
 
 def test_training_runs_geometry_table_measures_at_the_configured_dimension(rng):
@@ -36,3 +37,16 @@ def test_training_runs_curvature_mean_and_imbalance_leave_skipped_classes_out():
     assert metrics["geometry/curvature_mean"] == pytest.approx(2.0)
     assert metrics["geometry/curvature_imbalance"] == pytest.approx(np.std([1.0, 2.0, 3.0]) / 2.0)
     assert metrics["geometry/corr_acc_curvature"] == pytest.approx(-1.0)
+
+
+def test_progress_lines_are_throttled_and_none_for_the_last_class(capsys, monkeypatch):
+    clock = iter([0.0, 5.0, 11.0, 12.0, 25.0, 26.0, 30.0, 40.0])  # one reading at construction and per call
+    monkeypatch.setattr("orchestrator.progress.time.perf_counter", lambda: next(clock))
+    line = ProgressLine("geometry of the test features", every_s=10.0)
+    for done in range(1, 6):
+        line(done, 5)
+    assert capsys.readouterr().err.splitlines() == ["[curvlt] geometry of the test features: 2/5 classes (11 s)",
+                                                    "[curvlt] geometry of the test features: 4/5 classes (25 s)"]
+    silent = ProgressLine("off", every_s=0.0)
+    silent(1, 5)
+    assert capsys.readouterr().err == ""
