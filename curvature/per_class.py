@@ -15,7 +15,7 @@ import torch
 from curvature._inputs import ArrayLike, as_class_features, check_positive_k
 from curvature.neighbours import Backend
 from curvature.rotation import TangentDim, tangent_rotation
-from curvature.volumes import separation
+from curvature.volumes import class_indices, separation
 
 COLUMNS = ["label", "count", "volume", "separation", "mean_angle", "mean_kappa", "median_angle",
            "median_kappa", "tangent_dim", "skipped"]
@@ -35,8 +35,8 @@ def class_geometry(features: ArrayLike, labels: ArrayLike, k: int = 10, tangent_
     with torch.no_grad():
         sep = separation(points, label_t)
         rows = []
-        for index, label in enumerate(sep.labels.tolist()):
-            members = points[label_t == label]
+        for index, (label, indices) in enumerate(zip(sep.labels.tolist(), class_indices(label_t))):
+            members = points[indices]
             row = {"label": label, "count": int(members.shape[0]), "volume": float(sep.volume[index]),
                    "separation": float(sep.separation[index]) if not sep.skipped[index] else float("nan"),
                    "mean_angle": float("nan"), "mean_kappa": float("nan"), "median_angle": float("nan"),
