@@ -29,7 +29,29 @@ def volume_of(points: torch.Tensor, scale: float | None = None) -> torch.Tensor:
 def volume_bits(points: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """:func:`volume_of` in float64 whatever the points' dtype: separation degrees are differences
     of volumes of thousands of bits, which float32 (7 digits) would round away."""
-    return volumes_bits(points[None], scale)[0]
+    m, p = points.shape
+    if m < p:
+        return volumes_bits(points[None], scale)[0]
+    return _scatter_volume(scatter_about_mean(points)[1], (float(p) if scale is None else float(scale)) / m)
+
+
+def _scatter_volume(scatter: torch.Tensor, coefficient: float) -> torch.Tensor:
+    """``½ log2 det(I + coefficient · scatter)`` from the eigenvalues, for a batch or one matrix."""
+    evals = symmetric_eigh(scatter * coefficient)[0].clamp_min(0)
+    return 0.5 * torch.log1p(evals).sum(dim=-1) / math.log(2)
+
+
+def scatter_about_mean(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (p,) and centred scatter ``Σ (x−μ)(x−μ)ᵀ`` (p, p) of a cloud in float64, a chunk of
+    rows at a time: a whole float64 copy of 300,000 x 2,048 features would take 5 GB."""
+    n = points.shape[0]
+    parts = chunk_ranges(n, points.shape[1])
+    mean = sum(points[part].to(torch.float64).sum(dim=0) for part in parts) / n
+    scatter = torch.zeros(points.shape[1], points.shape[1], dtype=torch.float64, device=points.device)
+    for part in parts:
+        centred = points[part].to(torch.float64) - mean
+        scatter = scatter + centred.T @ centred
+    return mean, scatter
 
 
 def volumes_bits(clouds: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -40,8 +62,7 @@ def volumes_bits(clouds: torch.Tensor, scale: float | None = None) -> torch.Tens
     wide = clouds.to(torch.float64)
     centred = wide - wide.mean(dim=-2, keepdim=True)
     gram = centred @ centred.mT if m < p else centred.mT @ centred
-    evals = symmetric_eigh(gram * (scale / m))[0].clamp_min(0)
-    return 0.5 * torch.log1p(evals).sum(dim=-1) / math.log(2)
+    return _scatter_volume(gram, scale / m)
 
 
 def volume(points: ArrayLike, scale: float | None = None) -> torch.Tensor:
@@ -149,9 +170,7 @@ def volumes_without_each(points: torch.Tensor, members: list[torch.Tensor], scal
     """
     n, p = points.shape
     factor = float(p) if scale is None else float(scale)
-    wide = points.to(torch.float64)
-    centred = wide - wide.mean(dim=0)
-    scatter = centred.T @ centred
+    mean, scatter = scatter_about_mean(points)
     volumes = [torch.zeros((), dtype=torch.float64, device=points.device)] * len(members)
     by_size: dict[int, list[int]] = {}  # class size -> classes, for the determinant lemma
     downdated: list[int] = []
@@ -178,7 +197,7 @@ def volumes_without_each(points: torch.Tensor, members: list[torch.Tensor], scal
         log_det = 2 * torch.log(torch.diagonal(cholesky)).sum()
         for part in chunk_ranges(len(indices), p * (size + 1)):
             chosen = indices[part]
-            factors = torch.stack([_downdate(centred[members[index]], n - size) for index in chosen])
+            factors = torch.stack([_downdate(points[members[index]], mean, n - size) for index in chosen])
             solved = torch.linalg.solve_triangular(cholesky, factors, upper=False)
             small = torch.eye(size + 1, dtype=torch.float64, device=points.device) - coefficient * solved.mT @ solved
             evals = symmetric_eigh(small)[0]
@@ -191,20 +210,21 @@ def volumes_without_each(points: torch.Tensor, members: list[torch.Tensor], scal
     matrices: list[tuple[int, torch.Tensor]] = []
     for index in downdated:
         rest_count = n - len(members[index])
-        factors = _downdate(centred[members[index]], rest_count)
+        factors = _downdate(points[members[index]], mean, rest_count)
         rest = scatter - factors @ factors.T
         if float(torch.diagonal(rest).sum().detach()) < 1e-3 * trace:
             volumes[index] = volume_bits(points[_all_but(n, members[index])], scale)
         else:
             matrices.append((index, rest * (factor / rest_count)))
     for part in chunk_ranges(len(matrices), p * p):
-        evals = symmetric_eigh(torch.stack([matrix for _, matrix in matrices[part]]))[0].clamp_min(0)
-        for (index, _), values in zip(matrices[part], evals):
-            volumes[index] = 0.5 * torch.log1p(values).sum() / math.log(2)
+        bits = _scatter_volume(torch.stack([matrix for _, matrix in matrices[part]]), 1.0)
+        for (index, _), value in zip(matrices[part], bits):
+            volumes[index] = value
     return torch.stack(volumes)
 
 
-def _downdate(own: torch.Tensor, rest_count: int) -> torch.Tensor:
+def _downdate(own: torch.Tensor, mean: torch.Tensor, rest_count: int) -> torch.Tensor:
     """``U_i`` (p, m_i + 1) of :func:`volumes_without_each`: class ``i``'s points about the mean of
-    all points, and its sum over ``sqrt(m_∖i)``, so that ``U_i U_iᵀ = G_i + s_i s_iᵀ / m_∖i``."""
-    return torch.cat([own.T, (own.sum(dim=0) / math.sqrt(rest_count))[:, None]], dim=1)
+    all points, and their sum over ``sqrt(m_∖i)``, so that ``U_i U_iᵀ = G_i + s_i s_iᵀ / m_∖i``."""
+    centred = own.to(torch.float64) - mean
+    return torch.cat([centred.T, (centred.sum(dim=0) / math.sqrt(rest_count))[:, None]], dim=1)
