@@ -197,8 +197,11 @@ def volumes_without_each(points: torch.Tensor, members: list[torch.Tensor], scal
         log_det = 2 * torch.log(torch.diagonal(cholesky)).sum()
         for part in chunk_ranges(len(indices), p * (size + 1)):
             chosen = indices[part]
-            factors = torch.stack([_downdate(points[members[index]], mean, n - size) for index in chosen])
+            # All the classes' columns side by side, one solve: a batch of solves would broadcast
+            # (copy) the p x p factor once per class.
+            factors = torch.cat([_downdate(points[members[index]], mean, n - size) for index in chosen], dim=1)
             solved = torch.linalg.solve_triangular(cholesky, factors, upper=False)
+            solved = solved.reshape(p, len(chosen), size + 1).transpose(0, 1)
             small = torch.eye(size + 1, dtype=torch.float64, device=points.device) - coefficient * solved.mT @ solved
             evals = symmetric_eigh(small)[0]
             for index, values in zip(chosen, evals):
