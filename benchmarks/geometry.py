@@ -6,11 +6,12 @@ Side by side, in one run, on one cloud:
     SVD; per neighbour another query and SVD, in NumPy) — angles taken from sines so that both
     compute the same quantity,
   * the floor: brute-force distance product plus top-k on the same cloud.
-Then ``class_geometry`` on 10 classes x 1,000 points, ``separation`` against its definition, the noise each estimator tolerates, the peak memory of ``tangent_rotation`` at
-n = 50,000, p = 512, k = 20 (in a child process), a torch-vs-FAISS kNN table, and a CUDA row when a
-GPU is present.
+Then ``class_geometry`` on 10 classes x 1,000 points, ``separation`` against its definition, the
+noise each estimator tolerates, the peak memory of ``tangent_rotation`` at n = 50,000, p = 512,
+k = 20 and of ``separation`` at 2,000 classes x 50 points in p = 2,048 (each in a child process), a
+torch-vs-FAISS kNN table, and a CUDA row when a GPU is present.
 
-    python benchmarks/geometry.py            # everything (about 3 minutes on 2 cores)
+    python benchmarks/geometry.py            # everything (about 8 minutes on 2 cores)
     python benchmarks/geometry.py --quick    # skip the memory and large kNN runs
     python benchmarks/geometry.py --cuda-only  # the CUDA row alone (what benchmarks/gpu_check.sh runs)
 """
@@ -118,7 +119,8 @@ def separation_by_definition(points: torch.Tensor, labels: torch.Tensor) -> torc
 def separation_section(quick: bool) -> None:
     """``curvature.separation`` (downdated scatter, determinant lemma) against the definition."""
     print("\n## separation, Gaussian classes around random centres, float32: this version against the definition")
-    print("| classes | points per class | p | definition (s) | curvature.separation (s) | speed-up | max relative difference |")
+    print("| classes | points per class | p | definition (s) | curvature.separation (s) | speed-up "
+          "| max relative difference |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(2)
     long_tail = np.maximum(5, (200 * 0.01 ** (np.arange(300) / 299)).astype(int))  # 200 down to 5 (IF = 40)

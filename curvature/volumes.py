@@ -142,14 +142,13 @@ def volumes_without_each(points: torch.Tensor, members: list[torch.Tensor], scal
     """``Vol(Z_all∖i)`` in bits, float64, for each class ``i`` (``members``:
     :func:`class_indices`), differentiable.
 
-    Why not the volume of the other classes' points per class: that reads all other classes' points once
-    per class, O(C·n·p²): 87-108 s for 1,000 classes of 100 points in 128 dimensions on 2 cores,
-    and about an hour for ImageNet-LT's 1,000 classes of 50 in ResNeXt-50's 2,048 (README,
-    ``benchmarks/geometry.py``).
-    About the mean μ of all points, the parallel-axis theorem gives the rest's centred scatter
+    Why not the volume of the other classes' points, class by class: that reads all other
+    classes' points once per class, O(C·n·p²): 87-122 s for 1,000 classes of 100 points in 128
+    dimensions on 2 cores, and about an hour for ImageNet-LT's 1,000 classes of 50 in ResNeXt-50's
+    2,048 (README, ``benchmarks/geometry.py``). About the mean μ of all points, the parallel-axis theorem gives the rest's centred scatter
     from sums over the class alone,
 
-        Σ_∖i = T − U_i U_iᵀ,   T = Σ_all (x−μ)(x−μ)ᵀ,   U_i = [ (x−μ) for x in class i | s_i / sqrt(m_∖i) ],
+        Σ_∖i = T − U_i U_iᵀ,   T = Σ_all (x−μ)(x−μ)ᵀ,   U_i = [ x−μ for x in class i | s_i / sqrt(m_∖i) ],
 
     with ``s_i = Σ_i (x−μ)`` and ``m_∖i = n − m_i`` (:func:`_downdate`), so that with
     ``c = s/m_∖i`` the volume is ``½ log2 det(I + c T − c U_i U_iᵀ)``. Two ways to take it:

@@ -40,9 +40,10 @@ CLAIM_SETTLE_S = 2.0
 
 def config_differences(params: dict[str, str], config: ExperimentConfig) -> list[str]:
     """The keys whose value in ``config`` differs from the run's logged ``params``, as
-    ``key: <run's value> in the run, <value> here``; keys in :data:`~orchestrator.config.NOT_COMPUTED` are left out, and so
-    are keys the run did not record that are at their default here: a key added to curvlt after the
-    run started defaults to the behaviour the run trained with."""
+    ``key: <run's value> in the run, <value> here``; keys in
+    :data:`~orchestrator.config.NOT_COMPUTED` are left out, and so are keys the run did not record
+    that are at their default here: a key added to curvlt after the run started defaults to the
+    behaviour the run trained with."""
     defaults = public_params(ExperimentConfig())
     differences = []
     for key, value in public_params(config).items():
