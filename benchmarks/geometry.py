@@ -30,6 +30,7 @@ from _machine import best_time, describe
 from curvature import class_geometry, manifolds, quadratic_curvature, separation, tangent_rotation
 from curvature.neighbours import _faiss_indices, _torch_indices, choose_backend, knn_indices
 from curvature.local_pca import local_spectra, tangent_bases
+from curvature.per_class import span_coordinates
 from curvature.rotation import grassmann_distances
 from curvature.volumes import volume_bits
 
@@ -106,6 +107,14 @@ def class_geometry_section() -> None:
     labels = np.repeat(np.arange(10), 1000)
     elapsed = best_time(lambda: class_geometry(features, labels), repeats=3)
     print(f"\n## class_geometry, 10 classes x 1,000 points, p=64, k=10: {elapsed:.2f} s (target < 2 s)")
+    centres = rng.standard_normal((100, 2048), dtype=np.float32)
+    clouds = [torch.from_numpy(rng.standard_normal((50, 2048), dtype=np.float32) + centre) for centre in centres]
+    with torch.no_grad():
+        ambient = best_time(lambda: [tangent_rotation(cloud, k=10) for cloud in clouds], repeats=1)
+        in_span = best_time(lambda: [tangent_rotation(span_coordinates(cloud), k=10) for cloud in clouds], repeats=1)
+    print(f"tangent_rotation of 100 Gaussian classes x 50 points, p=2,048: {ambient:.2f} s in the ambient "
+          f"coordinates, {in_span:.2f} s in each class's span as class_geometry measures it "
+          f"({ambient / in_span:.1f}x)")
 
 
 def separation_by_definition(points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
