@@ -270,7 +270,7 @@ def _cross_checks(config: ExperimentConfig) -> None:
 
 def check_feature_dim(config: ExperimentConfig, feature_dim: int) -> None:
     """The fixed tangent dimensions against the model's feature dimension, which only the built
-    model knows: a tangent space cannot have more dimensions than the space it lies in (SPEC §2).
+    model knows: a tangent space cannot have more dimensions than the space it lies in (SPEC §3.3).
     Called by the driver before any worker starts and by each worker before its first step."""
     for key, dim in (("cr.tangent_dim", config.cr.tangent_dim),
                      ("eval.geometry_tangent_dim", config.eval.geometry_tangent_dim)):
