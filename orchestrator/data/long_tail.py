@@ -39,10 +39,13 @@ def shot_groups(train_counts: np.ndarray, many_threshold: int, few_threshold: in
 
 
 def per_class_subsample(labels: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
-    """A fixed subsample of at most ``max_per_class`` indices per class (for geometry)."""
+    """A fixed subsample of at most ``max_per_class`` indices per class (for geometry). Each class's
+    indices come from one stable sort, in increasing order as ``np.flatnonzero(labels == c)`` gave
+    them (the same draws, so the same points as before), without one pass over all labels per
+    class (8,142 passes over 437,513 labels for iNaturalist)."""
     rng = np.random.default_rng(seed)
-    picks = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        picks.append(members if len(members) <= max_per_class else rng.choice(members, max_per_class, replace=False))
+    order = np.argsort(labels, kind="stable")
+    starts = np.unique(labels[order], return_index=True)[1]
+    picks = [members if len(members) <= max_per_class else rng.choice(members, max_per_class, replace=False)
+             for members in np.split(order, starts[1:])]
     return np.sort(np.concatenate(picks))
