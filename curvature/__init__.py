@@ -6,7 +6,7 @@ function of the same name that this package exports. Every function accepts NumP
 tensors on any device, in float32 or float64; see SPEC §3 for the definitions.
 """
 
-from curvature._inputs import ArrayLike, as_points, check_k
+from curvature._inputs import ArrayLike, as_points, centred, check_k
 from curvature.cr_loss import CRResult
 from curvature.local_pca import intrinsic_dim_from_neighbours
 from curvature.neighbours import Backend, knn, knn_indices
@@ -19,7 +19,7 @@ from curvature.volumes import Separation, separation, volume
 
 def intrinsic_dim(points: ArrayLike, k: int = 10, backend: Backend = "auto") -> int:
     """Intrinsic dimension from local PCA explained variance, clipped to ``[1, k - 2]`` (SPEC §3.3)."""
-    tensor = as_points(points)
+    tensor = centred(as_points(points))
     check_k(k, tensor.shape[0])
     return intrinsic_dim_from_neighbours(tensor, knn_indices(tensor, k, backend))
 

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from curvature._chunks import chunk_ranges
+
 ArrayLike = Any  # numpy.ndarray | torch.Tensor | nested lists
 
 
@@ -32,6 +34,32 @@ def as_points(points: ArrayLike, *, name: str = "points", check_finite: bool = T
     if check_finite and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name}: contains NaN or Inf values")
     return tensor
+
+
+def centred(points: torch.Tensor) -> torch.Tensor:
+    """``points`` (n, p) moved to their mean when they lie farther from the origin than their
+    spread: subtracted in float64 a chunk of rows at a time and returned in the points' dtype. The
+    mean is held constant, so gradients are unchanged (every estimator is translation invariant).
+
+    Why: float32 features far from the origin (ReLU features are all positive) lose the digits
+    that tell neighbours apart in ``|x|² + |y|² − 2x·y``, and those of each patch's centring. A
+    sphere of radius 0.3 at distance 240 from the origin measured a mean angle of 0.320 rad in
+    float32 against 0.215 in float64, and a trained synthetic class's auto dimension came out 3
+    instead of 2 (``tests/test_tangent_rotation.py``). Centred, float32 agrees with float64. A
+    cloud already around the origin is left as it is: rounding its coordinates again would only
+    add noise (a circle sampled every 3e-4 rad measured 7% more curvature).
+    """
+    parts = chunk_ranges(points.shape[0], points.shape[1])
+    total = torch.zeros(points.shape[1], dtype=torch.float64, device=points.device)
+    square = torch.zeros((), dtype=torch.float64, device=points.device)
+    for part in parts:
+        rows = points[part].detach().to(torch.float64)
+        total, square = total + rows.sum(dim=0), square + rows.pow(2).sum()
+    mean = total / points.shape[0]
+    distance = float(mean.pow(2).sum())  # of the mean from the origin, squared
+    if distance <= float(square) / points.shape[0] - distance:  # ... against the mean squared spread
+        return points
+    return torch.cat([(points[part].to(torch.float64) - mean).to(points.dtype) for part in parts])
 
 
 def as_class_features(features: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:

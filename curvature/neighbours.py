@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from curvature._chunks import chunk_ranges
-from curvature._inputs import ArrayLike, as_points, check_k
+from curvature._inputs import ArrayLike, as_points, centred, check_k
 
 Backend = Literal["auto", "torch", "faiss"]
 
@@ -114,7 +114,7 @@ def knn(points: ArrayLike, k: int, backend: Backend = "auto") -> tuple[torch.Ten
     when it has exact duplicates. ``backend`` is ``"torch"`` (exact, chunked, any device),
     ``"faiss"`` (flat index; GPU index for CUDA data when FAISS sees a GPU) or ``"auto"``.
     """
-    tensor = as_points(points)
+    tensor = centred(as_points(points))
     check_k(k, tensor.shape[0])
     indices = knn_indices(tensor, k, backend)
     distances = gather_distances(tensor, indices)

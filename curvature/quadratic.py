@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from curvature._inputs import ArrayLike, as_points, check_k
+from curvature._inputs import ArrayLike, as_points, centred, check_k
 from curvature.neighbours import Backend, knn_indices
 from curvature._chunks import chunk_ranges
 from curvature.local_pca import local_spectra, tangent_bases
@@ -76,7 +76,7 @@ def quadratic_curvature(points: ArrayLike, k: int = 30, tangent_dim: TangentDim 
     Needs ``k >= d + d(d+1)/2 + 1`` neighbours (linear plus quadratic terms); differentiable with
     respect to ``points``.
     """
-    tensor = as_points(points)
+    tensor = centred(as_points(points))
     check_k(k, tensor.shape[0])
     indices = knn_indices(tensor, k, backend)
     spectra = local_spectra(tensor, indices)

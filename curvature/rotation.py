@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from curvature._inputs import ArrayLike, as_points, check_k
+from curvature._inputs import ArrayLike, as_points, centred, check_k
 from curvature._linalg import safe_sqrt, squared_angle_from_sin2, symmetric_eigvals
 from curvature.neighbours import Backend, gather_distances, knn_indices
 from curvature._chunks import chunk_ranges
@@ -111,7 +111,7 @@ def tangent_rotation(points: ArrayLike, k: int = 10, tangent_dim: TangentDim = "
     ``points``: (n, p) NumPy array or tensor (any device, float32/float64), n >= k + 1.
     Differentiable with respect to ``points``; neighbour indices are constants.
     """
-    tensor = as_points(points)
+    tensor = centred(as_points(points))
     check_k(k, tensor.shape[0])
     indices = knn_indices(tensor, k, backend)
     spectra = local_spectra(tensor, indices)

@@ -81,6 +81,18 @@ def test_float32_agrees_with_float64(rng):
     assert float(b.mean_kappa) == pytest.approx(float(a.mean_kappa), rel=1e-4)
 
 
+@pytest.mark.parametrize("offset", [30.0, 100.0])
+def test_float32_far_from_the_origin_agrees_with_float64(offset, rng):
+    """A small sphere (r = 0.3) whose centre is 240 or 800 from the origin, as ReLU features sit:
+    measured in float32 as it was, the mean angle came out 0.320 rad (offset 30) and 1e-4 with
+    d = 3 (offset 100) against 0.215 with d = 2 in float64. Points are centred (in float64) first."""
+    points = (manifolds.sphere(400, 2, 0.3, 64, rng) + offset * rng.uniform(0.5, 1.5, 64)).astype(np.float32)
+    single, double = tangent_rotation(points, k=10), tangent_rotation(points.astype(np.float64), k=10)
+    assert single.tangent_dim == double.tangent_dim == 2
+    assert float(single.mean_angle) == pytest.approx(float(double.mean_angle), rel=1e-5)
+    assert intrinsic_dim(points, k=10) == 2
+
+
 def test_small_angles_are_not_floored(rng):
     """A densely sampled circle: neighbour angles of ~1e-3 rad must not be inflated by an acos
     clamp (which would floor every angle near 3.5e-4 rad in float32)."""
