@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from curvature import class_geometry
+from curvature.rotation import TangentDim
 from orchestrator.errors import UserError
 from orchestrator.features_io import load_features
 from orchestrator.measure_example import EXAMPLE_PATH
@@ -31,9 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _tangent_dim(text: str) -> int | str:
+def _tangent_dim(text: str) -> TangentDim:
     if text == "auto":
-        return text
+        return "auto"
     try:
         return int(text)
     except ValueError:
