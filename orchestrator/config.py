@@ -192,6 +192,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "checkpoint.every": _POSITIVE,
     "checkpoint.keep": _POSITIVE,
     "checkpoint.max_failures": (lambda v: v >= -1, ">= -1 (-1 = unlimited)"),
+    "mlflow.experiment": (lambda v: v.strip() != "", "a non-empty name"),
 }
 
 
@@ -268,6 +269,20 @@ def _cross_checks(config: ExperimentConfig) -> None:
         raise UserError(f"train.warmup_epochs: must be below train.epochs = {config.train.epochs}")
 
 
+def _check_registered_names(config: ExperimentConfig) -> None:
+    """The dataset, model and loss names against their registries, so that a misspelt name stops
+    here, in the driver and for every candidate of a sweep, rather than in each Ray Train worker
+    and again at each of its ``checkpoint.max_failures`` restarts. The registries live with their
+    factories, which import torch, so they are imported when a config is checked, not with this
+    module."""
+    from orchestrator.data import DATASETS
+    from orchestrator.losses import LOSSES
+    from orchestrator.models import MODELS
+
+    for registry, name in ((DATASETS, config.dataset.name), (MODELS, config.model.name), (LOSSES, config.loss.name)):
+        registry.get(name)
+
+
 def check_feature_dim(config: ExperimentConfig, feature_dim: int) -> None:
     """The fixed tangent dimensions against the model's feature dimension, which only the built
     model knows: a tangent space cannot have more dimensions than the space it lies in (SPEC §3.3).
@@ -342,6 +357,7 @@ def _deep_copy(data: Any) -> Any:
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     config = _build(ExperimentConfig, data, "")
     _cross_checks(config)
+    _check_registered_names(config)
     return config
 
 

@@ -55,6 +55,10 @@ def test_overrides_are_typed(tmp_path):
     ("train.momentum=1.5", "train.momentum: must be in [0, 1)"),
     ("train=3", "train: must be a mapping"),
     ("noequals", "expected key=value"),
+    ("loss.name=cross_entropy", "loss.name: unknown loss 'cross_entropy'; choose one of balanced_softmax, ce, focal"),
+    ("model.name=resnet18", "model.name: unknown model 'resnet18'; choose one of mlp, resnet32"),
+    ("dataset.name=mnist", "dataset.name: unknown dataset 'mnist'; choose one of cifar100_lt"),
+    ("mlflow.experiment=' '", "mlflow.experiment: must be a non-empty name, got ' '"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(UserError) as info:

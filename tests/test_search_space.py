@@ -64,6 +64,7 @@ def write(tmp_path, text: str) -> str:
     ("base: digits_lt\nparam_space: {train.lr: {uniform: [1, 0]}}", "must be [low, high] numbers with low < high"),
     ("base: digits_lt\nparam_space: {train.epochs: {uniform: [1, 3]}}", "train.epochs: must be an integer"),
     ("base: digits_lt\nparam_space: {cr.weight: {grid: [-1]}}", "cr.weight: must be >= 0"),
+    ("base: digits_lt\nparam_space: {loss.name: {choice: [ce, ldma]}}", "param_space.loss.name: loss.name: unknown loss 'ldma'"),
     ("base: nope\n", "nope: not a config file nor a bundled config"),
     ("param_space: {}\n", "missing 'base'"),
     ("base: digits_lt\ntune: {scheduler: {name: hyperband}}", "tune.scheduler: must be"),
