@@ -316,10 +316,19 @@ def load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML{_where(exc)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: the top level must be a mapping of config keys")
     return data
+
+
+def _where(error: yaml.YAMLError) -> str:
+    """Where the YAML parser stopped and why, e.g. `` at line 3, column 2: expected <block end>,
+    but found '<block mapping start>'``; its first line alone ("while parsing a block mapping")
+    names neither."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}" if problem else where
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -67,6 +67,15 @@ def test_bad_values_name_the_key(override, message):
     assert "\n" not in str(info.value)
 
 
+def test_invalid_yaml_says_where_the_parser_stopped(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("dataset:\n  name: digits_lt\n train: {epochs: 3}\n")  # one space short
+    with pytest.raises(UserError) as info:
+        load_config(str(path))
+    assert str(info.value) == (f"{path}: not valid YAML at line 3, column 2: expected <block end>, "
+                               "but found '<block mapping start>'")
+
+
 def test_unknown_config_name_lists_bundled():
     with pytest.raises(UserError, match="bundled: cifar100_lt"):
         load_config("nope")
