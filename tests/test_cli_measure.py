@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from curvature import manifolds
+from orchestrator.errors import UserError
+from orchestrator.features_io import load_features
 
 CURVLT = shutil.which("curvlt") or str(Path(sys.executable).with_name("curvlt"))
 
@@ -67,6 +69,17 @@ def test_bad_files_fail_with_one_line(tmp_path, content, message):
     result = run("measure", str(path))
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_first_row_holding_nan_or_inf_is_named(tmp_path):
+    features = np.ones((6, 3), dtype=np.float32)
+    features[2, 1], features[4, 0] = np.inf, np.nan
+    features[5] = 3e38  # large but finite: a float32 sum would overflow, the check's float64 one does not
+    path = tmp_path / "diverged.npz"
+    np.savez(path, features=features, labels=np.arange(6) + 10)
+    with pytest.raises(UserError) as info:
+        load_features(path)
+    assert str(info.value) == f"{path}: 'features' row 2 (label 12) holds NaN or Inf values (rows that do: 2 of 6)"
 
 
 def test_missing_file_and_bad_options(tmp_path, feature_file):
