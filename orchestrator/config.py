@@ -265,6 +265,9 @@ def _cross_checks(config: ExperimentConfig) -> None:
                                     config.eval.geometry_k)):
         if dim != "auto" and dim > k:
             raise UserError(f"{dim_key}: must be 'auto' or at most {k_key} = {k}")
+    if config.cr.weight > 0 and config.cr.start_epoch >= config.train.epochs:
+        raise UserError(f"cr.start_epoch: must be below train.epochs = {config.train.epochs} when cr.weight > 0 "
+                        f"(epochs count from 0), got {config.cr.start_epoch}: CR would never apply")
     if config.train.warmup_epochs >= config.train.epochs and config.train.warmup_epochs > 0:
         raise UserError(f"train.warmup_epochs: must be below train.epochs = {config.train.epochs}")
 

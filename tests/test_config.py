@@ -28,8 +28,8 @@ def test_paper_protocol_for_cifar():
 
 
 def test_overrides_are_typed(tmp_path):
-    config = load_config("digits_lt", ["cr.weight=0.5", "train.epochs=3", "cr.tangent_dim=2", "train.amp=false",
-                                       "train.milestones=[2, 3]", "mlflow.run_name=x y"])
+    config = load_config("digits_lt", ["cr.weight=0.5", "train.epochs=3", "cr.start_epoch=1", "cr.tangent_dim=2",
+                                       "train.amp=false", "train.milestones=[2, 3]", "mlflow.run_name=x y"])
     assert config.cr.weight == 0.5 and config.train.epochs == 3 and config.cr.tangent_dim == 2
     assert config.train.amp is False and config.train.milestones == [2, 3] and config.mlflow.run_name == "x y"
     path = tmp_path / "mine.yaml"
@@ -49,6 +49,8 @@ def test_overrides_are_typed(tmp_path):
     ("cr.tangent_dim=11", "cr.tangent_dim: must be 'auto' or at most cr.k = 10"),
     ("eval.geometry_tangent_dim=0", "eval.geometry_tangent_dim: must be 'auto' or an integer >= 1, got 0"),
     ("eval.geometry_tangent_dim=11", "eval.geometry_tangent_dim: must be 'auto' or at most eval.geometry_k = 10"),
+    ("cr.weight=0.5", "cr.start_epoch: must be below train.epochs = 3 when cr.weight > 0 (epochs count from 0), "
+                      "got 5: CR would never apply"),
     ("train.schedule=linear", "train.schedule: must be 'step' or 'cosine' or 'constant'"),
     ("train.amp=maybe", "train.amp: must be true or false"),
     ("dataset.imbalance_factor=0.5", "dataset.imbalance_factor: must be >= 1"),
@@ -62,7 +64,7 @@ def test_overrides_are_typed(tmp_path):
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(UserError) as info:
-        load_config("digits_lt", [override])
+        load_config("digits_lt", ["train.epochs=3", override])
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
