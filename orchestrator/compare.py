@@ -16,9 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from orchestrator.config import NOT_COMPUTED  # noqa: E402
 from orchestrator.errors import UserError  # noqa: E402
-from orchestrator.tracking import (RUN_KEY_TAG, SWEPT_TAG, check_store_exists, client, find_run,  # noqa: E402
-                                   resolve_tracking_uri)
+from orchestrator.tracking import (RUN_KEY_TAG, SWEPT_TAG, check_store_exists, client, experiment_names,  # noqa: E402
+                                   experiment_runs, find_run, resolve_tracking_uri)
 
 DEFAULT_GROUP_BY = ["dataset.name", "loss.name", "cr.weight"]
 COLUMN_NAMES = {"dataset.name": "dataset", "loss.name": "loss", "cr.weight": "cr_weight"}
@@ -26,18 +27,20 @@ FINAL_METRICS = {"acc": "test/acc", "acc_many": "test/acc_many", "acc_medium": "
                  "acc_few": "test/acc_few", "curvature": "geometry/curvature_mean",
                  "curvature_imbalance": "geometry/curvature_imbalance"}
 COMPARE_KEY = "compare"
+#: Experiment names an error about a missing experiment lists before "and N more".
+SHOWN_NAMES = 10
 
 
 def runs_frame(experiment: str, uri: str) -> pd.DataFrame:
     """One row per FINISHED training run: all params, the final headline metrics, and ``swept``:
     the keys its sweep varied ("" for a run outside a sweep)."""
-    found = client(uri).get_experiment_by_name(experiment)
-    if found is None:
-        raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {uri.split('@')[-1]}")
-    runs = client(uri).search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
-                                   max_results=5000)
+    if client(uri).get_experiment_by_name(experiment) is None:
+        names = experiment_names(uri)
+        listed = ", ".join(names[:SHOWN_NAMES]) + (f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
+        raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {uri.split('@')[-1]}; "
+                        + (f"experiments there: {listed}" if names else "it has none"))
     rows = []
-    for run in runs:
+    for run in experiment_runs(uri, experiment, "attributes.status = 'FINISHED'"):
         if run.data.tags.get(RUN_KEY_TAG) == COMPARE_KEY:
             continue
         row = {"run_id": run.info.run_id, **run.data.params, "swept": run.data.tags.get(SWEPT_TAG, "")}
@@ -56,9 +59,23 @@ def sweep_group_by(swept: Iterable[str]) -> list[str]:
 
 def default_group_by(frame: pd.DataFrame) -> list[str]:
     """:func:`sweep_group_by` over every key that any of ``frame``'s sweeps varied and all its runs
-    logged (a run of an older curvlt may lack a newer key)."""
-    swept = (key for keys in frame["swept"] for key in keys.split(",") if key)
-    return [key for key in sweep_group_by(swept) if key in frame]
+    logged (a run of an older curvlt may lack a newer key), and over every key in which two runs of
+    the same dataset differ, except those that do not change what a run computes
+    (:data:`~orchestrator.config.NOT_COMPUTED`). Runs that differ in anything but the seed are not
+    repeats of one another, whether a sweep varied the key or they were started by hand: CE + CR
+    at two tangent dimensions in one experiment would otherwise be averaged as two seeds."""
+    swept = [key for keys in frame["swept"] for key in keys.split(",") if key]
+    return [key for key in sweep_group_by([*swept, *_differing_keys(frame)]) if key in frame]
+
+
+def _differing_keys(frame: pd.DataFrame) -> list[str]:
+    """Config keys (params; all but ``seed`` have a dot) with more than one logged value among the
+    runs of some dataset; a run that lacks the key (an older curvlt) does not count as differing."""
+    params = [key for key in frame.columns if "." in key and key != "dataset.name" and not key.startswith(NOT_COMPUTED)]
+    if not params or "dataset.name" not in frame:
+        return []
+    counts = frame.groupby("dataset.name")[params].nunique()
+    return [key for key in params if (counts[key] > 1).any()]
 
 
 def _numbers_where_possible(column: pd.Series) -> pd.Series:

@@ -25,6 +25,8 @@ SWEEP_TAG = "curvlt.sweep"
 SWEPT_TAG = "curvlt.swept"
 #: Metric whose history tells which epochs a run has already logged.
 EPOCH_MARKER = "test/acc"
+#: Runs asked of MLflow per search page (its server caps a page; SQLite stores answer any size).
+RUNS_PER_PAGE = 1000
 _SECRET_QUERY = re.compile(r"(?i)((?:token|key|secret|password|pwd|sig)[^=&]*=)[^&]*")
 
 
@@ -114,19 +116,35 @@ def start_run(uri: str, config: ExperimentConfig, tags: dict[str, str] | None = 
     return run.info.run_id
 
 
-def experiment_runs(uri: str, experiment: str, filter_string: str, max_results: int = 10000) -> list:
-    """Runs of ``experiment`` that match ``filter_string``, newest first; none when the experiment
-    does not exist."""
+def experiment_runs(uri: str, experiment: str, filter_string: str, limit: int | None = None) -> list:
+    """Runs of ``experiment`` that match ``filter_string``, newest first: all of them, or the newest
+    ``limit``; none when the experiment does not exist. MLflow answers a search a page at a time,
+    so the pages are followed: a single search would stop, silently, at its ``max_results``."""
     found = client(uri).get_experiment_by_name(experiment)
     if found is None:
         return []
-    return client(uri).search_runs([found.experiment_id], filter_string=filter_string,
-                                   order_by=["attributes.start_time DESC"], max_results=max_results)
+    runs: list = []
+    token = None
+    while limit is None or len(runs) < limit:
+        page = client(uri).search_runs([found.experiment_id], filter_string=filter_string,
+                                       order_by=["attributes.start_time DESC"], page_token=token,
+                                       max_results=RUNS_PER_PAGE if limit is None else min(RUNS_PER_PAGE, limit - len(runs)))
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    return runs
+
+
+def experiment_names(uri: str) -> list[str]:
+    """The names of (up to a page of) the store's experiments, sorted: what an error about a missing
+    one can offer."""
+    return sorted(found.name for found in client(uri).search_experiments(max_results=RUNS_PER_PAGE))
 
 
 def find_run(uri: str, experiment: str, run_key: str):
     """The newest run of ``experiment`` tagged with ``run_key``, or None."""
-    runs = experiment_runs(uri, experiment, f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+    runs = experiment_runs(uri, experiment, f"tags.`{RUN_KEY_TAG}` = '{run_key}'", limit=1)
     return runs[0] if runs else None
 
 

@@ -29,6 +29,18 @@ def test_a_sweep_groups_by_what_it_varies_except_the_seed():
     assert default_group_by(frame) == DEFAULT_GROUP_BY
 
 
+def test_runs_started_by_hand_are_grouped_by_what_they_differ_in():
+    frame = runs([("0.0", "1.0", "0", 0.80), ("0.5", "1.0", "1", 0.82), ("0.5", "1.0", "2", 0.85)])
+    frame["swept"] = ""
+    frame["cr.tangent_dim"] = ["auto", "auto", "2"]
+    frame["mlflow.run_name"] = ["ce", "cr", "cr-d2"]  # what does not change the computation is not grouped by
+    frame["checkpoint.every"] = ["1", "2", "1"]
+    assert default_group_by(frame) == [*DEFAULT_GROUP_BY, "cr.tangent_dim"]
+    other = runs([("0.5", "1.0", "0", 0.7)]).assign(**{"dataset.name": "e", "cr.tangent_dim": "4", "swept": ""})
+    both = pd.concat([frame.iloc[:2], other])  # same key, different datasets: told apart by the dataset
+    assert default_group_by(both) == DEFAULT_GROUP_BY
+
+
 def test_the_gain_is_over_the_group_that_differs_only_in_having_no_cr():
     frame = runs([("0.0", "1.0", "0", 0.80), ("0.0", "1.0", "1", 0.82), ("0.5", "1.0", "0", 0.85),
                   ("0.0", "4.0", "0", 0.70), ("0.5", "4.0", "0", 0.76), ("0.5", "10.0", "0", 0.90)])

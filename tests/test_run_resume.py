@@ -141,3 +141,16 @@ def test_of_two_drivers_resuming_at_once_only_one_goes_on(store):
     assert sorted(outcomes)[0].startswith(f"--resume: run {run} is being resumed by another driver (")
     tags = client(store).get_run(run).data.tags
     assert CLAIM_TAG in tags and float(tags[HEARTBEAT_TAG]) > time.time() - 10  # a third driver now sees it alive
+
+
+def test_run_searches_follow_mlflows_pages(store, monkeypatch):
+    """A search answers a page at a time; runs past the first page must not go missing."""
+    import orchestrator.tracking as tracking
+
+    config = load_config("digits_lt", ["mlflow.experiment=paged"])
+    made = [start_run(store, config) for _ in range(5)]
+    monkeypatch.setattr(tracking, "RUNS_PER_PAGE", 2)
+    found = tracking.experiment_runs(store, "paged", "attributes.status = 'RUNNING'")
+    assert sorted(run.info.run_id for run in found) == sorted(made)
+    assert len(tracking.experiment_runs(store, "paged", "", limit=3)) == 3
+    assert tracking.experiment_runs(store, "absent", "") == []
