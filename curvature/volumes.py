@@ -46,7 +46,7 @@ def scatter_about_mean(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     rows at a time: a whole float64 copy of 300,000 x 2,048 features would take 5 GB."""
     n = points.shape[0]
     parts = chunk_ranges(n, points.shape[1])
-    mean = sum(points[part].to(torch.float64).sum(dim=0) for part in parts) / n
+    mean = torch.stack([points[part].to(torch.float64).sum(dim=0) for part in parts]).sum(dim=0) / n
     scatter = torch.zeros(points.shape[1], points.shape[1], dtype=torch.float64, device=points.device)
     for part in parts:
         centred = points[part].to(torch.float64) - mean
@@ -129,9 +129,9 @@ def class_volumes(points: torch.Tensor, members: list[torch.Tensor], scale: floa
         by_size.setdefault(len(indices), []).append(index)
     volumes = [torch.zeros((), dtype=torch.float64, device=points.device)] * len(members)
     p = points.shape[1]
-    for size, indices in by_size.items():
-        for part in chunk_ranges(len(indices), size * p):
-            chosen = indices[part]
+    for size, classes in by_size.items():
+        for part in chunk_ranges(len(classes), size * p):
+            chosen = classes[part]
             for index, value in zip(chosen, volumes_bits(torch.stack([points[members[i]] for i in chosen]), scale)):
                 volumes[index] = value
     return torch.stack(volumes)
@@ -188,16 +188,16 @@ def volumes_with_and_without_each(points: torch.Tensor, members: list[torch.Tens
     # The first way, one Cholesky factor per class size.
     identity = torch.eye(p, dtype=torch.float64, device=points.device)
     trace = float(torch.diagonal(scatter).sum().detach())
-    for size, indices in by_size.items():
+    for size, classes in by_size.items():
         coefficient = factor / (n - size)
         resolvable = 1e6 * torch.finfo(torch.float64).eps * math.sqrt(1 + coefficient * trace)
         cholesky, failed = torch.linalg.cholesky_ex(identity + coefficient * scatter)
         if int(failed):  # rounding in a scatter of points at 1e8 outweighs the identity
-            downdated.extend(indices)
+            downdated.extend(classes)
             continue
         log_det = 2 * torch.log(torch.diagonal(cholesky)).sum()
-        for part in chunk_ranges(len(indices), p * (size + 1)):
-            chosen = indices[part]
+        for part in chunk_ranges(len(classes), p * (size + 1)):
+            chosen = classes[part]
             # All the classes' columns side by side, one solve: a batch of solves would broadcast
             # (copy) the p x p factor once per class.
             factors = torch.cat([_downdate(points[members[index]], mean, n - size) for index in chosen], dim=1)

@@ -23,6 +23,10 @@ DRW_BETA = 0.9999
 class LongTailLoss(nn.Module):
     """Cross-entropy on ``adjust(logits)`` with optional DRW class weights."""
 
+    log_prior: torch.Tensor  # buffers (C,), declared for type checkers
+    drw_weight: torch.Tensor
+    weight: torch.Tensor
+
     def __init__(self, class_counts: np.ndarray, drw_epoch: int = -1):
         super().__init__()
         counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float32)
@@ -77,6 +81,8 @@ class FocalLoss(LongTailLoss):
 class LDAMLoss(LongTailLoss):
     """Label-distribution-aware margin: subtract ``m_y ∝ n_y^(-1/4)`` (largest = ``ldam_max_m``) from
     the true-class logit, scale by ``s`` (Cao et al., NeurIPS 2019); use with ``drw_epoch``."""
+
+    margins: torch.Tensor  # buffer (C,)
 
     def __init__(self, config: LossConfig, class_counts: np.ndarray):
         super().__init__(class_counts, config.drw_epoch)

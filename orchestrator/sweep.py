@@ -76,7 +76,7 @@ def latest_sweep(space: SearchSpace, root: Path) -> Path:
 #: an empty request, so it asks for one byte of memory: a token share of a CPU (it was 0.01) left a
 #: node that share short of a trial whose workers need all of its CPUs, and such a run never
 #: started (a 2-CPU worker on a 2-core machine: WorkerGroupStartupTimeoutError, again and again).
-TRIAL_DRIVER_RESOURCES = {"memory": 1}
+TRIAL_DRIVER_RESOURCES: dict[str, float] = {"memory": 1}
 
 
 @dataclass

@@ -50,10 +50,6 @@ def _mean_across_workers(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     started = time.perf_counter()
     seconds = {"setup": 0.0, "train": 0.0, "eval": 0.0, "logging": 0.0, "checkpoint": 0.0}  # benchmarks/sweep.py
@@ -67,10 +63,12 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     data = build_dataset(config.dataset, config.seed)
     groups = shot_groups(data.class_counts, config.dataset.many_threshold, config.dataset.few_threshold)
-    model = create_model(config.model.name, data.input_shape, data.num_classes)
-    feature_dim = model.feature_dim
+    classifier = create_model(config.model.name, data.input_shape, data.num_classes)
+    feature_dim = classifier.feature_dim
     check_feature_dim(config, feature_dim)  # a joined cluster's driver did not build the model
-    model = ray.train.torch.prepare_model(model)
+    # On the device, and in DistributedDataParallel with more than one worker, which trains
+    # `classifier` itself: it is what is evaluated and checkpointed.
+    model = ray.train.torch.prepare_model(classifier)
     base_loss = create_loss(config.loss, data.class_counts).to(device)
     cr = CurvatureRegularizer(data.num_classes, feature_dim, weight=config.cr.weight,
                               balance_weight=config.cr.balance_weight, k=config.cr.k, queue_size=config.cr.queue_size,
@@ -80,7 +78,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                                 weight_decay=config.train.weight_decay)
     per_worker_batch = max(1, config.train.batch_size // world_size)
     # Our own sampler, also on one worker: Ray's would shuffle with seed 0 whatever config.seed says.
-    sampler = DistributedSampler(data.train, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed)
+    sampler: DistributedSampler = DistributedSampler(data.train, num_replicas=world_size, rank=rank, shuffle=True,
+                                                     seed=config.seed)
     train_loader = ray.train.torch.prepare_data_loader(
         DataLoader(data.train, batch_size=per_worker_batch, sampler=sampler), add_dist_sampler=False)
     test_loader = DataLoader(data.test, batch_size=512)
@@ -93,7 +92,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=False)
-        _unwrap(model).load_state_dict(state["model"])
+        classifier.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         cr.load_state_dict(state["cr"])
         start_epoch = state["epoch"] + 1
@@ -144,14 +143,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if dims:  # which dimension CR worked in (the "auto" one's choice): this worker's mean over the epoch
             metrics["cr/tangent_dim"] = sum(dims) / len(dims)
 
-        if is_main:
-            test = predict(_unwrap(model), test_loader, device)
+        if logger is not None:  # rank 0 evaluates and logs
+            test = predict(classifier, test_loader, device)
             per_class = class_accuracy(test, data.num_classes)
             metrics.update(accuracy_metrics(per_class, groups))
             metrics.update({f"class_acc/{c:03d}": float(a) for c, a in enumerate(per_class)})
             measure_geometry = is_geometry_epoch(config, epoch) and epoch not in logger.done
             if measure_geometry:
-                train = predict(_unwrap(model), geometry_loader, device)
+                train = predict(classifier, geometry_loader, device)
                 table = geometry_table(train, test, per_class, data.class_counts, config.eval.geometry_k,
                                        config.eval.geometry_tangent_dim, data.true_curvature, progress_every)
                 metrics.update(correlation_metrics(split_geometry(table, "train"), per_class, "geometry"))
@@ -175,7 +174,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if (epoch + 1) % config.checkpoint.every == 0 or last:
             with tempfile.TemporaryDirectory() as folder:
                 if is_main:
-                    torch.save({"epoch": epoch, "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    torch.save({"epoch": epoch, "model": classifier.state_dict(), "optimizer": optimizer.state_dict(),
                                 "cr": cr.state_dict(), "config": config.to_dict()}, Path(folder) / CHECKPOINT_FILE)
                 ray.train.report(_reportable(metrics),
                                  checkpoint=ray.train.Checkpoint.from_directory(folder) if is_main else None)
