@@ -258,7 +258,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 def _cross_checks(config: ExperimentConfig) -> None:
     if config.dataset.few_threshold > config.dataset.many_threshold:
         raise UserError("dataset.few_threshold: must not exceed dataset.many_threshold")
-    if config.dataset.synthetic.radius_min > config.dataset.synthetic.radius_max:
+    synthetic = config.dataset.synthetic
+    if synthetic.ambient_dim <= synthetic.manifold_dim:
+        raise UserError(f"dataset.synthetic.ambient_dim: must be above dataset.synthetic.manifold_dim = "
+                        f"{synthetic.manifold_dim} (a {synthetic.manifold_dim}-sphere lies in "
+                        f"{synthetic.manifold_dim + 1} dimensions), got {synthetic.ambient_dim}")
+    if synthetic.radius_min > synthetic.radius_max:
         raise UserError("dataset.synthetic.radius_min: must not exceed dataset.synthetic.radius_max")
     for dim_key, k_key, dim, k in (("cr.tangent_dim", "cr.k", config.cr.tangent_dim, config.cr.k),
                                    ("eval.geometry_tangent_dim", "eval.geometry_k", config.eval.geometry_tangent_dim,
