@@ -36,7 +36,9 @@ def runs_frame(experiment: str, uri: str) -> pd.DataFrame:
     the keys its sweep varied ("" for a run outside a sweep)."""
     if client(uri).get_experiment_by_name(experiment) is None:
         names = experiment_names(uri)
-        listed = ", ".join(names[:SHOWN_NAMES]) + (f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
+        listed = ", ".join(names[:SHOWN_NAMES])
+        if len(names) > SHOWN_NAMES:
+            listed += f" and {len(names) - SHOWN_NAMES} more"
         raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {uri.split('@')[-1]}; "
                         + (f"experiments there: {listed}" if names else "it has none"))
     rows = []

@@ -126,9 +126,9 @@ def experiment_runs(uri: str, experiment: str, filter_string: str, limit: int | 
     runs: list = []
     token = None
     while limit is None or len(runs) < limit:
+        wanted = RUNS_PER_PAGE if limit is None else min(RUNS_PER_PAGE, limit - len(runs))
         page = client(uri).search_runs([found.experiment_id], filter_string=filter_string,
-                                       order_by=["attributes.start_time DESC"], page_token=token,
-                                       max_results=RUNS_PER_PAGE if limit is None else min(RUNS_PER_PAGE, limit - len(runs)))
+                                       order_by=["attributes.start_time DESC"], page_token=token, max_results=wanted)
         runs.extend(page)
         token = page.token
         if not token:

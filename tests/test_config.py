@@ -51,8 +51,8 @@ def test_overrides_are_typed(tmp_path):
     ("eval.geometry_tangent_dim=11", "eval.geometry_tangent_dim: must be 'auto' or at most eval.geometry_k = 10"),
     ("cr.weight=0.5", "cr.start_epoch: must be below train.epochs = 3 when cr.weight > 0 (epochs count from 0), "
                       "got 5: CR would never apply"),
-    ("dataset.synthetic.manifold_dim=16", "dataset.synthetic.ambient_dim: must be above "
-                                          "dataset.synthetic.manifold_dim = 16 (a 16-sphere lies in 17 dimensions), got 16"),
+    ("dataset.synthetic.manifold_dim=16", "dataset.synthetic.ambient_dim: must be above dataset.synthetic.manifold_dim "
+                                          "= 16 (a 16-sphere lies in 17 dimensions), got 16"),
     ("train.schedule=linear", "train.schedule: must be 'step' or 'cosine' or 'constant'"),
     ("train.amp=maybe", "train.amp: must be true or false"),
     ("dataset.imbalance_factor=0.5", "dataset.imbalance_factor: must be >= 1"),
