@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from curvature._chunks import chunk_ranges
+from curvature._chunks import chunk_ranges, float64_sums
 
 ArrayLike = Any  # numpy.ndarray | torch.Tensor | nested lists
 
@@ -49,17 +49,13 @@ def centred(points: torch.Tensor) -> torch.Tensor:
     cloud already around the origin is left as it is: rounding its coordinates again would only
     add noise (a circle sampled every 3e-4 rad measured 7% more curvature).
     """
-    parts = chunk_ranges(points.shape[0], points.shape[1])
-    total = torch.zeros(points.shape[1], dtype=torch.float64, device=points.device)
-    square = torch.zeros((), dtype=torch.float64, device=points.device)
-    for part in parts:
-        rows = points[part].detach().to(torch.float64)
-        total, square = total + rows.sum(dim=0), square + rows.pow(2).sum()
+    total, square = float64_sums(points.detach())
     mean = total / points.shape[0]
     distance = float(mean.pow(2).sum())  # of the mean from the origin, squared
     if distance <= float(square) / points.shape[0] - distance:  # ... against the mean squared spread
         return points
-    return torch.cat([(points[part].to(torch.float64) - mean).to(points.dtype) for part in parts])
+    return torch.cat([(points[part].to(torch.float64) - mean).to(points.dtype)
+                      for part in chunk_ranges(points.shape[0], points.shape[1])])
 
 
 def as_class_features(features: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:

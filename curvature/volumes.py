@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from curvature._chunks import chunk_ranges
+from curvature._chunks import chunk_ranges, float64_sums
 from curvature._inputs import ArrayLike, as_class_features, as_points
 from curvature._linalg import symmetric_eigh
 
@@ -43,12 +43,10 @@ def _scatter_volume(scatter: torch.Tensor, coefficient: float) -> torch.Tensor:
 
 def scatter_about_mean(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (p,) and centred scatter ``Σ (x−μ)(x−μ)ᵀ`` (p, p) of a cloud in float64, a chunk of
-    rows at a time: a whole float64 copy of 300,000 x 2,048 features would take 5 GB."""
-    n = points.shape[0]
-    parts = chunk_ranges(n, points.shape[1])
-    mean = torch.stack([points[part].to(torch.float64).sum(dim=0) for part in parts]).sum(dim=0) / n
+    rows at a time (:func:`~curvature._chunks.float64_sums`)."""
+    mean = float64_sums(points)[0] / points.shape[0]
     scatter = torch.zeros(points.shape[1], points.shape[1], dtype=torch.float64, device=points.device)
-    for part in parts:
+    for part in chunk_ranges(points.shape[0], points.shape[1]):
         centred = points[part].to(torch.float64) - mean
         scatter = scatter + centred.T @ centred
     return mean, scatter

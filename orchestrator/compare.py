@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from orchestrator.config import NOT_COMPUTED  # noqa: E402
+from orchestrator.config import differing_keys  # noqa: E402
 from orchestrator.errors import UserError  # noqa: E402
 from orchestrator.tracking import (RUN_KEY_TAG, SWEPT_TAG, check_store_exists, client, experiment_names,  # noqa: E402
                                    experiment_runs, find_run, resolve_tracking_uri)
@@ -63,21 +63,13 @@ def default_group_by(frame: pd.DataFrame) -> list[str]:
     """:func:`sweep_group_by` over every key that any of ``frame``'s sweeps varied and all its runs
     logged (a run of an older curvlt may lack a newer key), and over every key in which two runs of
     the same dataset differ, except those that do not change what a run computes
-    (:data:`~orchestrator.config.NOT_COMPUTED`). Runs that differ in anything but the seed are not
+    (:func:`~orchestrator.config.differing_keys`). Runs that differ in anything but the seed are not
     repeats of one another, whether a sweep varied the key or they were started by hand: CE + CR
     at two tangent dimensions in one experiment would otherwise be averaged as two seeds."""
     swept = [key for keys in frame["swept"] for key in keys.split(",") if key]
-    return [key for key in sweep_group_by([*swept, *_differing_keys(frame)]) if key in frame]
-
-
-def _differing_keys(frame: pd.DataFrame) -> list[str]:
-    """Config keys (params; all but ``seed`` have a dot) with more than one logged value among the
-    runs of some dataset; a run that lacks the key (an older curvlt) does not count as differing."""
-    params = [key for key in frame.columns if "." in key and key != "dataset.name" and not key.startswith(NOT_COMPUTED)]
-    if not params or "dataset.name" not in frame:
-        return []
-    counts = frame.groupby("dataset.name")[params].nunique()
-    return [key for key in params if (counts[key] > 1).any()]
+    params = frame[[key for key in frame.columns if "." in key]]  # config keys; of those without a dot, seed
+    logged = [{key: value for key, value in row.items() if not pd.isna(value)} for row in params.to_dict("records")]
+    return [key for key in sweep_group_by([*swept, *differing_keys(logged)]) if key in frame]
 
 
 def _numbers_where_possible(column: pd.Series) -> pd.Series:

@@ -390,6 +390,22 @@ def add_overrides_argument(parser) -> None:
                         help="override a config key, e.g. --set cr.weight=0.5 or --set train.epochs=2 (repeatable)")
 
 
+def differing_keys(configs: typing.Iterable[dict[str, Any]]) -> list[str]:
+    """Flattened config keys (first-seen order) that hold more than one value among the configs of
+    one dataset, except those that do not change what a run computes (:data:`NOT_COMPUTED`): the
+    keys that tell runs which are not repeats of one another apart. Configs of different datasets
+    are told apart by the dataset already; a config that lacks a key (the params of a run of an
+    older curvlt) does not make it differ. Used for a sweep's base configs and for logged runs."""
+    values: dict[tuple[Any, str], list[Any]] = {}
+    for flat in configs:
+        for key, value in flat.items():
+            if key != "dataset.name" and not key.startswith(NOT_COMPUTED):
+                seen = values.setdefault((flat.get("dataset.name"), key), [])
+                if value not in seen:
+                    seen.append(value)
+    return list(dict.fromkeys(key for (_, key), seen in values.items() if len(seen) > 1))
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists become strings), for MLflow params."""
     flat: dict[str, Any] = {}

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import (NOT_COMPUTED, ExperimentConfig, apply_overrides, config_from_dict, flatten, load_yaml,
-                                 resolve_config_path, resolve_named_file)
+from orchestrator.config import (ExperimentConfig, apply_overrides, config_from_dict, differing_keys, flatten,
+                                 load_yaml, resolve_config_path, resolve_named_file)
 from orchestrator.errors import UserError
 
 SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -156,15 +156,8 @@ def swept_keys(space: SearchSpace, cli_overrides: list[str]) -> list[str]:
     the same dataset differ (e.g. ``model.name``), except keys that do not change what a run
     computes (:data:`~orchestrator.config.NOT_COMPUTED`). Bases of different datasets are told
     apart by the dataset already."""
-    keys = list(space.params)
-    by_dataset: dict[str, list[dict[str, Any]]] = {}
-    for base in space.base:
-        flat = flatten(trial_config(space, base, {}, cli_overrides).to_dict())
-        by_dataset.setdefault(flat["dataset.name"], []).append(flat)
-    for first, *others in by_dataset.values():
-        keys += [key for key in first if key not in keys and not key.startswith(NOT_COMPUTED)
-                 and any(other.get(key) != first[key] for other in others)]
-    return keys
+    bases = [flatten(trial_config(space, base, {}, cli_overrides).to_dict()) for base in space.base]
+    return list(dict.fromkeys([*space.params, *differing_keys(bases)]))
 
 
 def tune_param_space(space: SearchSpace) -> dict[str, Any]:
