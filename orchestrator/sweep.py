@@ -16,7 +16,7 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
 from orchestrator.preflight import check_workers_fit, runs_that_fit
 from orchestrator.ray_env import ensure_ray
-from orchestrator.search_space import SearchSpace, count_trials, trial_config, tune_param_space
+from orchestrator.search_space import SearchSpace, count_trials, swept_keys, trial_config, tune_param_space
 from orchestrator.tracking import (SWEEP_TAG, check_reachable, experiment_id, experiment_runs, finish_run,
                                    resolve_tracking_uri)
 from orchestrator.trainer import is_uri, run_storage
@@ -113,7 +113,8 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> Swe
         check_workers_fit(config.scaling)
     max_concurrent = concurrent_trials(space, bases)
     trainable = tune.with_resources(tune.with_parameters(SweepTrial, space=space, cli_overrides=cli_overrides,
-                                                         sweep_id=sweep_id), TRIAL_DRIVER_RESOURCES)
+                                                         sweep_id=sweep_id, swept=swept_keys(space, cli_overrides)),
+                                    TRIAL_DRIVER_RESOURCES)
     if resume:
         if not tune.Tuner.can_restore(str(folder)):
             raise UserError(f"--resume: {folder} holds no restorable Tune state")

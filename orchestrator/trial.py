@@ -20,7 +20,7 @@ from ray import tune
 from ray.train import UserCallback
 from ray.util.queue import Empty, Queue
 
-from orchestrator.search_space import SearchSpace, swept_keys, trial_config
+from orchestrator.search_space import SearchSpace, trial_config
 from orchestrator.tracking import SWEEP_TAG, SWEPT_TAG, client
 from orchestrator.trainer import TrainingOutcome, train
 
@@ -46,12 +46,15 @@ class RelayToTrial(UserCallback):
 class SweepTrial(tune.Trainable):
     """Trains one trial's configuration in a background thread; each :meth:`step` returns one epoch."""
 
-    def setup(self, config: dict[str, Any], space: SearchSpace, cli_overrides: list[str], sweep_id: str) -> None:
+    def setup(self, config: dict[str, Any], space: SearchSpace, cli_overrides: list[str], sweep_id: str,
+              swept: list[str]) -> None:
+        """``swept``: the keys the sweep varies (:func:`~orchestrator.search_space.swept_keys`),
+        found once by the driver, recorded in the run's tags for ``curvlt compare``."""
         values = {key: value for key, value in config.items() if key != "base"}
         self.experiment = trial_config(space, config["base"], values, cli_overrides)
         self.run_key = f"{sweep_id}/{self.trial_id}"
         self.tags = {SWEEP_TAG: sweep_id, "curvlt.trial": self.trial_id, "curvlt.space": space.name,
-                     SWEPT_TAG: ",".join(swept_keys(space, cli_overrides))}
+                     SWEPT_TAG: ",".join(swept)}
         self.metric = space.metric
         self.channel = Queue(actor_options={"num_cpus": 0})
         self.controller = None
