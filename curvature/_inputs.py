@@ -31,7 +31,7 @@ def as_points(points: ArrayLike, *, name: str = "points", check_finite: bool = T
         raise ValueError(f"{name}: expected a 2-d array (n points x p dims), got shape {tuple(tensor.shape)}")
     if tensor.shape[0] == 0 or tensor.shape[1] == 0:
         raise ValueError(f"{name}: empty array of shape {tuple(tensor.shape)}")
-    if check_finite and not bool(torch.isfinite(tensor).all()):
+    if check_finite and not bool(finite_rows(tensor).all()):
         raise ValueError(f"{name}: contains NaN or Inf values")
     return tensor
 
@@ -62,11 +62,17 @@ def as_class_features(features: ArrayLike, labels: ArrayLike) -> tuple[torch.Ten
     """Validated ``(features, labels)``; NaN/Inf raise ``ValueError`` naming the first bad class."""
     points = as_points(features, name="features", check_finite=False)
     label_t = as_labels(labels, points.shape[0], points.device)
-    bad_rows = ~torch.isfinite(points).all(dim=1)
+    bad_rows = ~finite_rows(points)
     if bool(bad_rows.any()):
         bad_class = int(label_t[bad_rows].min())
         raise ValueError(f"class {bad_class}: features contain NaN or Inf values")
     return points, label_t
+
+
+def finite_rows(points: torch.Tensor) -> torch.Tensor:
+    """(n,) whether each row of ``points`` (n, p) is free of NaN and Inf, a chunk of rows at a time:
+    a mask of the whole array would take n·p bytes (ImageNet-LT's 115,846 x 2,048 features: 237 MB)."""
+    return torch.cat([torch.isfinite(points[part]).all(dim=1) for part in chunk_ranges(*points.shape)])
 
 
 def as_labels(labels: ArrayLike, n: int, device: torch.device) -> torch.Tensor:

@@ -90,7 +90,11 @@ def _class_geometry(points: np.ndarray, labels: np.ndarray, k: int) -> None:
     assert skipped["mean_kappa"].isna().all() or (skipped["separation"].isna()).any()
 
 
-def test_nan_names_the_class():
+@pytest.mark.parametrize("rows_per_chunk", [None, 2])
+def test_nan_names_the_class(monkeypatch, rows_per_chunk):
+    """Also when the rows are checked a chunk at a time and the bad one lies in a late chunk."""
+    if rows_per_chunk:
+        monkeypatch.setattr(curvature._chunks, "CHUNK_ELEMENTS", 3 * rows_per_chunk)
     features = np.random.default_rng(0).normal(size=(40, 3))
     features[35, 1] = np.nan
     with pytest.raises(ValueError, match="class 1"):
