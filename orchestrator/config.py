@@ -275,6 +275,13 @@ def _cross_checks(config: ExperimentConfig) -> None:
                         f"(epochs count from 0), got {config.cr.start_epoch}: CR would never apply")
     if config.train.warmup_epochs >= config.train.epochs and config.train.warmup_epochs > 0:
         raise UserError(f"train.warmup_epochs: must be below train.epochs = {config.train.epochs}")
+    late = [milestone for milestone in config.train.milestones if milestone >= config.train.epochs]
+    if config.train.schedule == "step" and late:
+        raise UserError(f"train.milestones: must be below train.epochs = {config.train.epochs} (epochs count from 0), "
+                        f"got {late[0]}: the learning rate would never drop there")
+    if config.eval.geometry_every > 0 and config.eval.geometry_max_points <= config.eval.geometry_k:
+        raise UserError(f"eval.geometry_max_points: must be above eval.geometry_k = {config.eval.geometry_k} (a class "
+                        f"needs k + 1 points to be measured), got {config.eval.geometry_max_points}")
 
 
 def _check_registered_names(config: ExperimentConfig) -> None:
@@ -344,6 +351,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise UserError(f"--set {text}: expected key=value, e.g. --set train.epochs=3")
     key, raw = text.split("=", 1)
+    if "" in key.strip().split("."):
+        raise UserError(f"--set {text}: expected key=value with a dotted key, e.g. --set train.epochs=3")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:

@@ -71,6 +71,31 @@ def test_bad_values_name_the_key(override, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["train.schedule=step", "train.milestones=[1, 3]"],
+     "train.milestones: must be below train.epochs = 3 (epochs count from 0), got 3: the learning rate would never "
+     "drop there"),
+    (["eval.geometry_max_points=10"],
+     "eval.geometry_max_points: must be above eval.geometry_k = 10 (a class needs k + 1 points to be measured), "
+     "got 10"),
+    (["=3"], "--set =3: expected key=value with a dotted key, e.g. --set train.epochs=3"),
+    (["train..epochs=3"],
+     "--set train..epochs=3: expected key=value with a dotted key, e.g. --set train.epochs=3"),
+])
+def test_settings_that_would_silently_do_nothing_are_refused(overrides, message):
+    """A step schedule shortened below its milestones would never lower the learning rate, and a
+    geometry subsample of at most k points per class would measure no class."""
+    with pytest.raises(UserError) as info:
+        load_config("digits_lt", ["train.epochs=3", *overrides])
+    assert str(info.value) == message
+
+
+def test_settings_that_do_nothing_by_choice_are_accepted():
+    """Milestones only matter to the step schedule; the subsample only when geometry is measured."""
+    load_config("digits_lt", ["train.epochs=3", "train.milestones=[5]", "eval.geometry_every=0",
+                              "eval.geometry_max_points=2"])
+
+
 def test_invalid_yaml_says_where_the_parser_stopped(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("dataset:\n  name: digits_lt\n train: {epochs: 3}\n")  # one space short
