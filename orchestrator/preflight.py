@@ -4,9 +4,10 @@ why in one line instead of after a timeout, a traceback per worker and a retry p
 
 Why here and not in the workers: Ray Train waits 60 s for workers that the cluster cannot place
 (``WorkerGroupStartupTimeoutError``: a bundled GPU config on a laptop), and a worker that raises
-(a dataset not found) is restarted like one that crashed. On a Ray that curvlt started on this
-machine nothing can add nodes later, so a request larger than its nodes is an error; on a cluster
-that was joined, an autoscaler may still add them, so it is only a warning.
+(a dataset not found) is restarted like one that crashed, ``checkpoint.max_failures`` times (a
+sweep's trial, then, twice over). On a Ray that curvlt started on this machine nothing can add
+nodes later, so a request larger than its nodes is an error; on a cluster that was joined, an
+autoscaler may still add them, so it is only a warning.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 
 import ray
 
-from orchestrator.config import ExperimentConfig, ScalingConfig, check_feature_dim
+from orchestrator.config import ExperimentConfig, ScalingConfig, check_feature_dim, config_from_dict
 from orchestrator.errors import UserError
 from orchestrator.ray_env import started_here
 
@@ -66,24 +67,58 @@ def check_workers_fit(scaling: ScalingConfig) -> None:
           file=sys.stderr, flush=True)
 
 
-def check_run_can_start(config: ExperimentConfig) -> None:
-    """Everything above for one run, on the Ray this process is connected to. On a Ray started here
-    the driver also builds the run's dataset once, as its workers (on this machine, reading the
-    same files) will: a missing dataset stops here with its one-line message, and a download
-    happens once rather than in every worker at the same time. With the dataset's shape it builds
-    the model without memory (PyTorch's meta device) to check the tangent dimensions against the
-    model's feature dimension. On a joined cluster each worker makes the same checks."""
+def check_run_can_start(config: ExperimentConfig, data_checked: bool = False) -> None:
+    """Everything in this module for one run, on the Ray this process is connected to;
+    ``data_checked``: :func:`check_data_and_model` has been run already (by a sweep's driver)."""
     check_workers_fit(config.scaling)
+    if not data_checked:
+        check_data_and_model(config)
+
+
+def check_data_and_model(config: ExperimentConfig) -> None:
+    """Build the run's dataset once, as its workers will, so that a missing dataset stops with its
+    one-line message and a download happens once rather than in every worker at the same time;
+    with the dataset's shape, build the model without memory (PyTorch's meta device) to check the
+    tangent dimensions against its feature dimension.
+
+    Where: on a Ray started here, in this process (its workers run on this machine and read the
+    same files). On a joined cluster, where this machine may not hold the data, as a zero-CPU Ray
+    task on each live node that can hold one of the run's workers; a node that an autoscaler adds
+    later is checked by its workers."""
     if started_here():
-        import torch
+        _build_data_and_model(config)
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from orchestrator.data.datasets import build_dataset
-        from orchestrator.models import create_model
+    per_worker = worker_resources(config.scaling)
+    nodes = [node for node in ray.nodes() if node.get("Alive") and workers_that_fit([node["Resources"]], per_worker)]
+    check = ray.remote(num_cpus=0)(_problem_on_this_node)
+    problems = ray.get([check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                        .remote(config.to_dict()) for node in nodes])
+    for node, problem in zip(nodes, problems):
+        if problem is not None:
+            raise UserError(f"{problem} (on node {node['NodeManagerAddress']})")
 
-        data = build_dataset(config.dataset, config.seed)
-        with torch.device("meta"):
-            model = create_model(config.model.name, data.input_shape, data.num_classes)
-        check_feature_dim(config, model.feature_dim)
+
+def _problem_on_this_node(config: dict) -> str | None:
+    """:func:`_build_data_and_model` on the node this Ray task runs on: its one-line message, or None."""
+    try:
+        _build_data_and_model(config_from_dict(config))
+    except UserError as problem:
+        return str(problem)
+    return None
+
+
+def _build_data_and_model(config: ExperimentConfig) -> None:
+    import torch
+
+    from orchestrator.data.datasets import build_dataset
+    from orchestrator.models import create_model
+
+    data = build_dataset(config.dataset, config.seed)
+    with torch.device("meta"):
+        model = create_model(config.model.name, data.input_shape, data.num_classes)
+    check_feature_dim(config, model.feature_dim)
 
 
 def _number(value: float) -> str:

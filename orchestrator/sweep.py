@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import UserError
-from orchestrator.preflight import check_workers_fit, runs_that_fit
+from orchestrator.preflight import check_data_and_model, check_workers_fit, runs_that_fit
 from orchestrator.ray_env import ensure_ray
 from orchestrator.search_space import SearchSpace, count_trials, swept_keys, trial_config, tune_param_space
 from orchestrator.tracking import (SWEEP_TAG, check_reachable, experiment_id, experiment_runs, finish_run,
@@ -109,8 +109,9 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> Swe
     sweep_id = folder.name
     ensure_ray()
     bases = [trial_config(space, base, {}, cli_overrides) for base in space.base]
-    for config in bases:  # a trial whose workers the cluster cannot hold would wait, then fail, in turn
+    for config in bases:  # a trial that cannot start would fail, be retried and fail again, in turn
         check_workers_fit(config.scaling)
+        check_data_and_model(config)
     max_concurrent = concurrent_trials(space, bases)
     trainable = tune.with_resources(tune.with_parameters(SweepTrial, space=space, cli_overrides=cli_overrides,
                                                          sweep_id=sweep_id, swept=swept_keys(space, cli_overrides)),

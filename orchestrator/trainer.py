@@ -47,7 +47,7 @@ def run_storage(config: ExperimentConfig) -> str:
 
 def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key: str | None = None,
           callbacks: list | None = None, stopping: threading.Event | None = None,
-          resume: str | None = None) -> TrainingOutcome:
+          resume: str | None = None, data_checked: bool = False) -> TrainingOutcome:
     """Train one configuration end to end; the MLflow run ends FINISHED, FAILED or KILLED.
 
     ``run_key`` names a run that may already exist (a sweep trial being resumed): its MLflow run is
@@ -57,6 +57,8 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
     (:func:`~orchestrator.run_resume.run_to_resume`). ``callbacks`` go to Ray Train (e.g. a sweep
     trial's relay). If the run fails once ``stopping`` is set (its sweep trial aborted it), or on
     Ctrl-C, it ends KILLED rather than FAILED: stopped, not broken, and resumable.
+    ``data_checked``: the dataset and model were checked already (a sweep's driver checks them once
+    for all its trials, :func:`~orchestrator.preflight.check_data_and_model`).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -76,7 +78,7 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
         return TrainingOutcome(existing.info.run_id, uri, existing.data.tags.get("curvlt.checkpoint"),
                                dict(existing.data.metrics), trained=False)
     ensure_ray()
-    check_run_can_start(config)  # before a run is created or claimed: a run that cannot start leaves no trace
+    check_run_can_start(config, data_checked)  # before a run is created or claimed: a run that cannot start leaves no trace
     if resume is not None:
         claim(uri, existing.info.run_id)
     if existing is not None:

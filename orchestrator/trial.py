@@ -68,7 +68,8 @@ class SweepTrial(tune.Trainable):
         started = time.perf_counter()
         try:
             self.outcome = train(self.experiment, tags=self.tags, run_key=self.run_key,
-                                 callbacks=[RelayToTrial(self.channel)], stopping=self.stopping)
+                                 callbacks=[RelayToTrial(self.channel)], stopping=self.stopping,
+                                 data_checked=True)
         except BaseException as error:  # handed to Tune by step()
             self.error = error
             return

@@ -111,23 +111,45 @@ from orchestrator.config import load_config
 from orchestrator.errors import UserError
 config = load_config("cifar10_lt", {overrides!r})
 ray_env.ensure_ray()
-ray_env._started_here = False  # as a driver that joined a cluster: the workers load the data
+ray_env._started_here = False  # as a driver that joined a cluster, whose machine may not hold the data
 try:
-    trainer.train(config)
+    trainer.train(config, data_checked={data_checked})
 except UserError as error:
     print("UserError:", error)
 """
 
 
-def test_a_workers_user_error_reaches_the_driver_as_one(tmp_path):
-    """On a joined cluster the driver does not load the data (its node may not hold it); a worker
-    that cannot find it fails, and its ``UserError`` is what the driver raises. The driver runs in
-    its own process, as ``curvlt train`` does: with the run inside the test process, a later test
-    hung in one CI run, waiting on Ray's key-value store."""
+@pytest.mark.parametrize("data_checked", [False, True])
+def test_a_joined_clusters_missing_data_is_one_line(tmp_path, data_checked):
+    """On a joined cluster the driver does not load the data itself (its machine may not hold it):
+    a Ray task on each node that can hold a worker does, and the first node's ``UserError`` stops
+    the run before it exists. A node added later (``data_checked``: as if all nodes had passed)
+    has the worker that cannot find the data fail, and its ``UserError`` is what the driver raises.
+    The driver runs in its own process, as ``curvlt train`` does: with the run inside the test
+    process, a later test hung in one CI run, waiting on Ray's key-value store."""
+    store = tmp_path / "mlflow.db"
     overrides = [f"dataset.root={tmp_path / 'no-data'}", "dataset.download=false", "scaling.use_gpu=false",
-                 "scaling.cpus_per_worker=1", "checkpoint.max_failures=0", f"checkpoint.storage_path={tmp_path / 'runs'}",
-                 f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    run = subprocess.run([sys.executable, "-c", JOINED_DRIVER.format(overrides=overrides)], capture_output=True,
-                         text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                 "scaling.cpus_per_worker=1", "checkpoint.max_failures=0",
+                 f"checkpoint.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{store}"]
+    run = subprocess.run([sys.executable, "-c", JOINED_DRIVER.format(overrides=overrides, data_checked=data_checked)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().splitlines()[-1].startswith("UserError: dataset cifar10_lt: not found under")
+    last = run.stdout.strip().splitlines()[-1]
+    assert last.startswith("UserError: dataset cifar10_lt: not found under")
+    if not data_checked:
+        assert last.endswith("(on node 127.0.0.1)") and runs_in(store) == 0
+
+
+def test_a_sweep_with_missing_data_stops_before_its_trials(tmp_path):
+    """Checked once by the sweep's driver: each trial's workers would fail, be restarted
+    ``checkpoint.max_failures`` times, and Tune would retry the trial."""
+    space = tmp_path / "space.yaml"
+    space.write_text("base: cifar10_lt\nexperiment: missing\nparam_space:\n  cr.weight: {grid: [0.0, 0.5]}\n")
+    store = tmp_path / "mlflow.db"
+    overrides = [f"dataset.root={tmp_path / 'no-data'}", "dataset.download=false", "scaling.use_gpu=false",
+                 "scaling.cpus_per_worker=1", f"mlflow.tracking_uri=sqlite:///{store}"]
+    result = curvlt("tune", str(space), *(arg for value in overrides for arg in ("--set", value)), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("curvlt: error: dataset cifar10_lt: not found under")
+    assert runs_in(store) == 0
