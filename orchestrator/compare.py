@@ -115,8 +115,19 @@ def render(table: pd.DataFrame, fmt: str) -> str:
 
 
 def _label(keys: list[str], values: object) -> str:
+    """A group's legend entry: the dataset and loss by name, every other key as ``key=value``."""
     values = values if isinstance(values, tuple) else (values,)
-    return ", ".join(str(v) if key == "loss" else f"{key}={v}" for key, v in zip(keys, values))
+    return ", ".join(str(v) if key in ("dataset", "loss") else f"{key}={v}" for key, v in zip(keys, values))
+
+
+def _legend_and_save(fig: plt.Figure, axes: Iterable[plt.Axes], path: Path) -> Path:
+    """Each panel's legend below it, and the figure saved wide enough to hold them: labels that
+    name several grouped keys are wider than a panel, and inside it they covered the curves."""
+    for ax in axes:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def plot_accuracy_vs_weight(table: pd.DataFrame, path: Path, series: list[str]) -> Path:
@@ -133,11 +144,7 @@ def plot_accuracy_vs_weight(table: pd.DataFrame, path: Path, series: list[str]) 
         ax.set_title(dataset, fontsize=9)
         ax.set_xlabel("CR weight λ")
         ax.set_ylabel("test top-1 (%)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _legend_and_save(fig, axes[0], path)
 
 
 def plot_correlations(frame: pd.DataFrame, uri: str, path: Path, group_by: list[str]) -> Path:
@@ -150,15 +157,12 @@ def plot_correlations(frame: pd.DataFrame, uri: str, path: Path, group_by: list[
             curves.append(pd.Series({m.step: m.value for m in history}, dtype=float))
         if curves and any(len(c) for c in curves):
             mean = pd.concat(curves, axis=1).mean(axis=1).sort_index()
-            ax.plot(mean.index + 1, mean.values, marker="o", label=" / ".join(map(str, group)))
+            ax.plot(mean.index + 1, mean.values, marker="o",
+                    label=_label([COLUMN_NAMES.get(key, key) for key in group_by], group))
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("epoch")
     ax.set_ylabel("Pearson r (accuracy, curvature)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _legend_and_save(fig, [ax], path)
 
 
 def log_comparison(experiment: str, uri: str, frame: pd.DataFrame, table: pd.DataFrame, group_by: list[str],

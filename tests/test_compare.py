@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator.compare import (DEFAULT_GROUP_BY, compare_runs, default_group_by, plot_accuracy_vs_weight,
+from orchestrator.compare import (DEFAULT_GROUP_BY, _label, compare_runs, default_group_by, plot_accuracy_vs_weight,
                                   sweep_group_by)
 
 
@@ -58,3 +58,8 @@ def test_accuracy_plot_draws_a_line_per_loss_and_other_grouped_key(tmp_path):
     table = compare_runs(frame, [*DEFAULT_GROUP_BY, "cr.balance_weight"])
     path = plot_accuracy_vs_weight(table, tmp_path / "plot.png", ["loss", "cr.balance_weight"])
     assert path.stat().st_size > 0
+
+
+def test_legend_entries_name_every_grouped_key_but_dataset_and_loss():
+    assert _label(["dataset", "loss", "cr_weight", "train.epochs"], ("digits_lt", "ce", 0.5, 30)) == \
+        "digits_lt, ce, cr_weight=0.5, train.epochs=30"
