@@ -7,11 +7,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
+
+from orchestrator.errors import UserError
 
 #: Loggers that speak at every report or every second; errors still come through.
 _CHATTY_LOGGERS = {
@@ -36,6 +39,9 @@ TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 #: Ray reads this once, on import, to decide whether a node may be part of a multi-machine cluster.
 _CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+#: How long the head of the cluster named by ``RAY_ADDRESS`` has to accept a connection (seconds).
+JOIN_TIMEOUT_S = 10.0
 
 #: Set once this process has started its own local instance (see :func:`started_here`).
 _started_here = False
@@ -100,7 +106,7 @@ def _start_or_join() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     runtime_env = {"worker_process_setup_hook": "orchestrator.ray_env.setup_worker_process"}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
+        _join(os.environ["RAY_ADDRESS"], runtime_env)
         return
     # One machine: no node can be preempted, so no watcher actor per run (its start-up also logs
     # an internal error line from Ray 2.60's core worker).
@@ -114,3 +120,28 @@ def _start_or_join() -> None:
         ray.init(address="local", include_dashboard=os.environ.get(DASHBOARD_ENV) == "1", _node_ip_address="127.0.0.1",
                  dashboard_host="127.0.0.1", runtime_env=runtime_env, logging_level="WARNING")
     _started_here = True
+
+
+def _join(address: str, runtime_env: dict) -> None:
+    """Join the cluster at ``RAY_ADDRESS``. Ray itself retries an address where nothing answers for
+    minutes, printing a warning every few seconds, and a cluster that refuses its token ends in a
+    traceback that does not say why; both are one line here."""
+    _check_something_answers(address)
+    try:
+        ray.init(address=address, runtime_env=runtime_env)
+    except ConnectionError as exc:
+        raise UserError(f"RAY_ADDRESS={address}: could not join the Ray cluster there ({exc}); a cluster with token "
+                        f"authentication needs its token in RAY_AUTH_TOKEN (ray get-auth-token, on its head)") from None
+
+
+def _check_something_answers(address: str) -> None:
+    """A ``host:port`` address (not ``auto``, nor a ``ray://`` or ``http://`` one) must accept a
+    connection within :data:`JOIN_TIMEOUT_S`."""
+    host, colon, port = address.rpartition(":")
+    if not colon or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=JOIN_TIMEOUT_S).close()
+    except OSError as exc:
+        raise UserError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({exc.strerror or exc}); start one "
+                        f"(ray start --head) or correct the address") from None

@@ -1,5 +1,6 @@
 """The local Ray instance curvlt starts listens on the loopback interface only (issue: sweeps,
-safety), and its processes poll Ray Train workers often enough for short epochs (issue: training)."""
+safety), and its processes poll Ray Train workers often enough for short epochs (issue: training);
+a ``RAY_ADDRESS`` where no cluster answers is one line (bad input)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import json
 import os
 import subprocess
 import sys
+import time
+
+from conftest import free_port
 
 from orchestrator.ray_env import LOCAL_TRAIN_POLL_S, TRAIN_POLL_ENV
+from test_training import CURVLT
 
 PROBE = """
 import json, os, time, psutil
@@ -33,3 +38,16 @@ def test_local_ray_listens_on_loopback_only_and_polls_reports_often():
     assert len(addresses) >= 3, addresses  # GCS, raylet and workers at least
     assert set(addresses) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addresses
     assert probe["poll"] == LOCAL_TRAIN_POLL_S  # what Ray Train's controller, a Ray actor, reads
+
+
+def test_an_address_where_no_cluster_answers_is_one_line(tmp_path):
+    """Ray alone retried it for minutes, with a warning every few seconds."""
+    address = f"127.0.0.1:{free_port()}"
+    start = time.time()
+    result = subprocess.run([CURVLT, "train", "digits_lt"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "RAY_ADDRESS": address})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [f"curvlt: error: RAY_ADDRESS={address}: no Ray cluster answers there "
+                                                  "(Connection refused); start one (ray start --head) or correct the "
+                                                  "address"]
+    assert time.time() - start < 60
