@@ -141,7 +141,7 @@ def _check_something_answers(address: str) -> None:
     if not colon or "://" in address or not port.isdigit():
         return
     try:
-        socket.create_connection((host, int(port)), timeout=JOIN_TIMEOUT_S).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_TIMEOUT_S).close()  # [::1]:6379
     except OSError as exc:
         raise UserError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({exc.strerror or exc}); start one "
                         f"(ray start --head) or correct the address") from None
