@@ -126,7 +126,7 @@ def _join(address: str, runtime_env: dict) -> None:
     """Join the cluster at ``RAY_ADDRESS``. Ray itself retries an address where nothing answers for
     minutes, printing a warning every few seconds, and a cluster that refuses its token ends in a
     traceback that does not say why; both are one line here."""
-    _check_something_answers(address)
+    check_something_answers(address, "RAY_ADDRESS=")
     try:
         ray.init(address=address, runtime_env=runtime_env)
     except ConnectionError as exc:
@@ -134,14 +134,15 @@ def _join(address: str, runtime_env: dict) -> None:
                         f"authentication needs its token in RAY_AUTH_TOKEN (ray get-auth-token, on its head)") from None
 
 
-def _check_something_answers(address: str) -> None:
-    """A ``host:port`` address (not ``auto``, nor a ``ray://`` or ``http://`` one) must accept a
-    connection within :data:`JOIN_TIMEOUT_S`."""
+def check_something_answers(address: str, name: str) -> None:
+    """A ``host:port`` cluster address (not ``auto``, nor a ``ray://`` or ``http://`` one) must
+    accept a connection within :data:`JOIN_TIMEOUT_S`; ``name`` says where it was given
+    (``RAY_ADDRESS=``, ``--address ``)."""
     host, colon, port = address.rpartition(":")
     if not colon or "://" in address or not port.isdigit():
         return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_TIMEOUT_S).close()  # [::1]:6379
     except OSError as exc:
-        raise UserError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({exc.strerror or exc}); start one "
+        raise UserError(f"{name}{address}: no Ray cluster answers there ({exc.strerror or exc}); start one "
                         f"(ray start --head) or correct the address") from None

@@ -15,6 +15,7 @@ import shlex
 import time
 
 from orchestrator.errors import UserError
+from orchestrator.ray_env import check_something_answers
 from orchestrator.tracking import redact
 
 #: How the Jobs API says that the head's job agent is not up yet, and how long to wait for it (s).
@@ -47,6 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
+    check_something_answers(address, "--address ")  # a GCS host:port: Ray waits 45 s on one that is down
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # connection errors come in several types
@@ -92,7 +94,32 @@ def _stream(client, job_id: str) -> str:
     return str(client.get_job_status(job_id))
 
 
+def _request(args: argparse.Namespace) -> tuple[list[str], dict | None]:
+    """The command and runtime environment of a submission, checked here before the cluster is
+    contacted."""
+    command = [part for part in args.entrypoint if part != "--"]
+    if not command:
+        raise UserError("submit: give the command to run after --, e.g. curvlt submit --address A -- curvlt tune X")
+    runtime_env: dict = {}
+    if args.working_dir:
+        if not os.path.isdir(args.working_dir):
+            raise UserError(f"--working-dir {args.working_dir}: no such folder")
+        runtime_env.update(working_dir=args.working_dir, excludes=WORKING_DIR_EXCLUDES)
+    if args.pip:
+        runtime_env["pip"] = args.pip
+    if args.env:
+        runtime_env["env_vars"] = _env(args.env)
+    return command, runtime_env or None
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.follow and not args.logs:
+        raise UserError("--follow: only with --logs JOB_ID (after submitting, --wait streams the logs)")
+    submitting = not (args.status or args.stop or args.logs)
+    if submitting:
+        command, runtime_env = _request(args)
+    elif args.entrypoint or args.wait:
+        raise UserError("submit: --status, --logs and --stop take no command and no --wait")
     client = _client(args.address)
     if args.status:
         print(client.get_job_status(args.status))
@@ -106,17 +133,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(client.get_job_logs(args.logs), end="")
         return 0
-    command = [part for part in args.entrypoint if part != "--"]
-    if not command:
-        raise UserError("submit: give the command to run after --, e.g. curvlt submit --address A -- curvlt tune X")
-    runtime_env: dict = {}
-    if args.working_dir:
-        runtime_env.update(working_dir=args.working_dir, excludes=WORKING_DIR_EXCLUDES)
-    if args.pip:
-        runtime_env["pip"] = args.pip
-    if args.env:
-        runtime_env["env_vars"] = _env(args.env)
-    job_id = _submit(client, shlex.join(command), runtime_env or None)
+    job_id = _submit(client, shlex.join(command), runtime_env)
     address = redact(args.address)
     print(f"submitted job {job_id} to {address}: {shlex.join(command)}")
     print(f"follow it:  curvlt submit --address {address} --logs {job_id} --follow")

@@ -18,6 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port
+from orchestrator.cli import build_parser
+from orchestrator.errors import UserError
 
 CURVLT = shutil.which("curvlt") or str(Path(sys.executable).with_name("curvlt"))
 SPACES = Path(__file__).parent / "spaces"
@@ -200,3 +202,29 @@ def test_submitted_sweep_finishes_and_lands_in_mlflow(ray_head, tmp_path):
     assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
     job_id = result.stdout.split("submitted job ")[1].split()[0]
     assert "SUCCEEDED" in curvlt("submit", "--address", ray_head, "--status", job_id, cwd=tmp_path, env=auth).stdout
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--working-dir", "{tmp}/nope", "--", "curvlt", "train", "digits_lt"], "--working-dir {tmp}/nope: no such folder"),
+    (["--env", "FOO", "--", "curvlt", "train", "digits_lt"], "--env FOO: expected KEY=VALUE"),
+    ([], "submit: give the command to run after --"),
+    (["--follow", "--", "curvlt", "train", "digits_lt"], "--follow: only with --logs JOB_ID"),
+    (["--status", "raysubmit_1", "--wait"], "submit: --status, --logs and --stop take no command and no --wait"),
+])
+def test_a_bad_submission_stops_before_the_cluster_is_contacted(tmp_path, arguments, message):
+    """At an address where nothing answers: the argument's own message, not the address's."""
+    args = build_parser().parse_args(["submit", "--address", f"http://127.0.0.1:{free_port()}",
+                                      *(argument.format(tmp=tmp_path) for argument in arguments)])
+    with pytest.raises(UserError) as info:
+        args.run(args)
+    assert str(info.value).startswith(message.format(tmp=tmp_path))
+
+
+def test_a_cluster_address_where_nothing_answers_is_one_line_at_once():
+    """A GCS ``host:port`` (not the dashboard's http:// address): Ray waited 45 s on it."""
+    address = f"127.0.0.1:{free_port()}"
+    args = build_parser().parse_args(["submit", "--address", address, "--", "curvlt", "train", "digits_lt"])
+    start = time.time()
+    with pytest.raises(UserError, match=f"--address {address}: no Ray cluster answers there"):
+        args.run(args)
+    assert time.time() - start < 15
