@@ -62,11 +62,23 @@ def check_store_exists(uri: str) -> None:
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Stop before any training when the tracking server does not answer."""
+    """Stop before any training when the tracking store cannot be used: a server that does not
+    answer, or a URI that MLflow refuses (an unknown scheme, a file store, which MLflow 3 no longer
+    writes to, missing credentials), which it reports in a traceback of 40-odd lines."""
     database = sqlite_file(uri)
     if database is not None:
-        database.parent.mkdir(parents=True, exist_ok=True)
-    elif uri.startswith(("http://", "https://")):
+        try:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"mlflow.tracking_uri: cannot make the folder {database.parent} of {uri} "
+                            f"({exc.strerror or exc})") from None
+    elif not uri.startswith(("http://", "https://")):
+        try:
+            client(uri).search_experiments(max_results=1)
+        except Exception as exc:  # MLflow's own, and its stores' (drivers, credentials)
+            raise UserError(f"mlflow.tracking_uri: MLflow cannot use {redact(uri)} "
+                            f"({str(exc).strip().splitlines()[0]})") from None
+    else:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
                 if response.status != 200:

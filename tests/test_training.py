@@ -15,7 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port
-from orchestrator.tracking import redact
+from orchestrator.errors import UserError
+from orchestrator.tracking import check_reachable, redact
 
 CURVLT = shutil.which("curvlt") or str(Path(sys.executable).with_name("curvlt"))
 EXPECTED_METRICS = ["train/loss", "train/base_loss", "train/cr_loss", "test/acc", "test/acc_many", "test/acc_medium",
@@ -126,6 +127,21 @@ def test_unreachable_tracking_server_stops_before_training(tmp_path):
     assert result.returncode == 2
     assert "cannot reach the MLflow server" in result.stderr and "secret" not in result.stderr
     assert "epoch" not in result.stdout and time.time() - start < 60
+
+
+@pytest.mark.parametrize("uri,message", [
+    ("foo://x", "mlflow.tracking_uri: MLflow cannot use foo://x (Model registry functionality is unavailable; "
+                "got unsupported URI 'foo://x'"),
+    ("{tmp}/mlruns", "mlflow.tracking_uri: MLflow cannot use {tmp}/mlruns (The filesystem tracking backend"),
+    ("sqlite:///{tmp}/a-file/db/mlflow.db", "mlflow.tracking_uri: cannot make the folder {tmp}/a-file/db of "
+                                            "sqlite:///{tmp}/a-file/db/mlflow.db (Not a directory)"),
+])
+def test_a_tracking_uri_mlflow_refuses_is_one_line(tmp_path, uri, message):
+    """MLflow's own refusals (40-odd lines of traceback each) as one line, before Ray starts."""
+    (tmp_path / "a-file").touch()
+    with pytest.raises(UserError) as info:
+        check_reachable(uri.format(tmp=tmp_path))
+    assert str(info.value).startswith(message.format(tmp=tmp_path)) and "\n" not in str(info.value)
 
 
 def test_redact_hides_credentials():
