@@ -59,33 +59,35 @@ def check_store_exists(uri: str) -> None:
     if database is not None and not database.is_file():
         raise UserError(f"--tracking-uri: no MLflow store at {database}; run this where the runs' mlflow.db is, "
                         f"or pass --tracking-uri (or set MLFLOW_TRACKING_URI)")
+    check_reachable(uri, "--tracking-uri")
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Stop before any training when the tracking store cannot be used: a server that does not
-    answer, or a URI that MLflow refuses (an unknown scheme, a file store, which MLflow 3 no longer
-    writes to, missing credentials), which it reports in a traceback of 40-odd lines."""
+def check_reachable(uri: str, option: str = "mlflow.tracking_uri", timeout_s: float = 5.0) -> None:
+    """Stop before any work when the tracking store cannot be used: a server that does not answer
+    (MLflow's client retries one for minutes), or a URI that MLflow refuses (an unknown scheme, a
+    file store, which MLflow 3 no longer writes to, missing credentials), which it reports in a
+    traceback of 40-odd lines. ``option``: where the URI was given."""
     database = sqlite_file(uri)
     if database is not None:
         try:
             database.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"mlflow.tracking_uri: cannot make the folder {database.parent} of {uri} "
+            raise UserError(f"{option}: cannot make the folder {database.parent} of {uri} "
                             f"({exc.strerror or exc})") from None
     elif not uri.startswith(("http://", "https://")):
         try:
             client(uri).search_experiments(max_results=1)
         except Exception as exc:  # MLflow's own, and its stores' (drivers, credentials)
-            raise UserError(f"mlflow.tracking_uri: MLflow cannot use {redact(uri)} "
+            raise UserError(f"{option}: MLflow cannot use {redact(uri)} "
                             f"({str(exc).strip().splitlines()[0]})") from None
     else:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
                 if response.status != 200:
-                    raise UserError(f"mlflow.tracking_uri: {redact(uri)} answered HTTP {response.status} on /health")
+                    raise UserError(f"{option}: {redact(uri)} answered HTTP {response.status} on /health")
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise UserError(f"mlflow.tracking_uri: cannot reach the MLflow server at {redact(uri)} ({reason}); "
+            raise UserError(f"{option}: cannot reach the MLflow server at {redact(uri)} ({reason}); "
                             f"start one with 'mlflow server --host 127.0.0.1 --port 5000' or fix the URI") from None
 
 

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import free_port
 from orchestrator.errors import UserError
-from orchestrator.tracking import check_reachable, redact
+from orchestrator.tracking import check_reachable, check_store_exists, redact
 
 CURVLT = shutil.which("curvlt") or str(Path(sys.executable).with_name("curvlt"))
 EXPECTED_METRICS = ["train/loss", "train/base_loss", "train/cr_loss", "test/acc", "test/acc_many", "test/acc_medium",
@@ -142,6 +142,13 @@ def test_a_tracking_uri_mlflow_refuses_is_one_line(tmp_path, uri, message):
     with pytest.raises(UserError) as info:
         check_reachable(uri.format(tmp=tmp_path))
     assert str(info.value).startswith(message.format(tmp=tmp_path)) and "\n" not in str(info.value)
+
+
+def test_compare_names_its_own_option_for_a_store_it_cannot_use():
+    """``curvlt compare --tracking-uri``: MLflow's client retried a server that does not answer for
+    minutes."""
+    with pytest.raises(UserError, match=r"^--tracking-uri: cannot reach the MLflow server at http://127.0.0.1:"):
+        check_store_exists(f"http://127.0.0.1:{free_port()}")
 
 
 def test_redact_hides_credentials():
