@@ -41,22 +41,32 @@ def _tangent_dim(text: str) -> TangentDim:
         raise UserError(f"--tangent-dim: must be 'auto' or an integer, got {text!r}") from None
 
 
+def _prepare_out(out: Path) -> None:
+    """Before anything is measured (a large file takes minutes): a file type the table can be
+    written as, and its folder, made if missing."""
+    if out.suffix not in (".csv", ".json"):
+        raise UserError(f"--out: unsupported extension {out.suffix!r}; use .csv or .json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        raise UserError(f"--out {out}: cannot make its folder {out.parent} ({reason or exc})") from None
+
+
 def _write(table: pd.DataFrame, out: Path) -> None:
     if out.suffix == ".csv":
         table.to_csv(out, index=False)
-    elif out.suffix == ".json":
-        table.to_json(out, orient="records", indent=2)
     else:
-        raise UserError(f"--out: unsupported extension {out.suffix!r}; use .csv or .json")
+        table.to_json(out, orient="records", indent=2)
 
 
 def run(args: argparse.Namespace) -> int:
     if bool(args.features) == bool(args.example):
         raise UserError("measure: give exactly one of FEATURES or --example")
     path = EXAMPLE_PATH if args.example else Path(args.features)
+    if args.out:
+        _prepare_out(Path(args.out))
     features, labels = load_features(path)
-    if args.out and Path(args.out).suffix not in (".csv", ".json"):
-        raise UserError(f"--out: unsupported extension {Path(args.out).suffix!r}; use .csv or .json")
     try:
         table = class_geometry(features, labels, k=args.k, tangent_dim=_tangent_dim(args.tangent_dim),
                                backend=args.backend, progress=ProgressLine(f"measuring {path.name}", PROGRESS_EVERY_S))

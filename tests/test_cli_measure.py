@@ -33,7 +33,7 @@ def feature_file(tmp_path, rng) -> Path:
 
 
 def test_npz_to_csv(feature_file, tmp_path):
-    out = tmp_path / "geometry.csv"
+    out = tmp_path / "results" / "geometry.csv"  # its folder made
     result = run("measure", str(feature_file), "--k", "15", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "mean_kappa" in result.stdout
@@ -86,5 +86,9 @@ def test_missing_file_and_bad_options(tmp_path, feature_file):
     assert "no such file" in run("measure", str(tmp_path / "nope.npz")).stderr
     assert "--tangent-dim" in run("measure", str(feature_file), "--tangent-dim", "x").stderr
     assert "--out" in run("measure", str(feature_file), "--out", "g.xlsx").stderr
+    (tmp_path / "a-file").touch()  # where --out's folder should be: said before anything is measured
+    assert run("measure", str(feature_file), "--out", str(tmp_path / "a-file" / "g.csv")).stderr.strip() == \
+        f"curvlt: error: --out {tmp_path / 'a-file' / 'g.csv'}: cannot make its folder {tmp_path / 'a-file'} " \
+        "(a file is in the way)"
     assert "k: must be a positive integer" in run("measure", str(feature_file), "--k", "0").stderr
     assert "fewer than k + 1 = 5001 points" in run("measure", str(feature_file), "--k", "5000").stdout
