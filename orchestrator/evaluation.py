@@ -16,6 +16,13 @@ from curvature.rotation import TangentDim
 from orchestrator.progress import ProgressLine
 
 SHOT_NAMES = ("many", "medium", "few")
+#: What every epoch reports, to MLflow and through Ray Train to a sweep's Tune, which needs the
+#: sweep's metric in each report: the losses and learning rate (``orchestrator.train_loop``) and
+#: the test accuracies (:func:`accuracy_metrics`; a shot group only when some class is in it).
+EPOCH_METRICS = ("train/loss", "train/base_loss", "train/cr_loss", "train/lr", "test/acc",
+                 *(f"test/acc_{name}" for name in SHOT_NAMES))
+#: The metrics of geometry epochs only (``eval.geometry_every``; every epoch when it is 1).
+GEOMETRY_PREFIXES = ("geometry/", "geometry_test/")
 #: Geometry measure -> column of curvature.class_geometry; "curvature" is the dimensionless angle
 #: curvature a_c that CR acts on (scale-free, so comparable across classes and epochs).
 MEASURES = {"curvature": "mean_angle", "separation": "separation", "volume": "volume"}

@@ -13,6 +13,7 @@ from typing import Any
 from orchestrator.config import (ExperimentConfig, apply_overrides, config_from_dict, differing_keys, flatten,
                                  load_yaml, resolve_config_path, resolve_named_file)
 from orchestrator.errors import UserError
+from orchestrator.evaluation import EPOCH_METRICS, GEOMETRY_PREFIXES
 
 SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -139,15 +140,29 @@ def load_space(name_or_path: str, cli_overrides: list[str] | None = None) -> Sea
 
 
 def _validate_against_configs(space: SearchSpace, cli_overrides: list[str]) -> None:
-    """Build a config for every base with every candidate value: bad keys or values fail now."""
+    """Build a config for every base with every candidate value: bad keys or values fail now; and
+    the metric against what the trials report (:func:`_check_metric`)."""
+    bases = [trial_config(space, base, {}, cli_overrides) for base in space.base]
+    _check_metric(space.metric, bases)
     for base in space.base:
-        trial_config(space, base, {}, cli_overrides)
         for key, spec in space.params.items():
             for value in _candidate_values(spec):
                 try:
                     trial_config(space, base, {key: value}, cli_overrides)
                 except UserError as exc:
                     raise UserError(f"param_space.{key}: {exc}") from None
+
+
+def _check_metric(metric: str, bases: list[ExperimentConfig]) -> None:
+    """``tune.metric`` must be in every epoch's report: Tune stops the whole sweep, with a traceback,
+    at the first report that lacks it (a misspelt name, or a geometry metric between geometry
+    epochs)."""
+    if metric in EPOCH_METRICS:
+        return
+    if metric.startswith(GEOMETRY_PREFIXES) and all(base.eval.geometry_every == 1 for base in bases):
+        return
+    raise UserError(f"tune.metric: must be reported at every epoch: one of {', '.join(EPOCH_METRICS)}, or a "
+                    f"{' or '.join(GEOMETRY_PREFIXES)} metric with eval.geometry_every 1; got {metric!r}")
 
 
 def swept_keys(space: SearchSpace, cli_overrides: list[str]) -> list[str]:

@@ -73,11 +73,21 @@ def write(tmp_path, text: str) -> str:
     ("base: digits_lt\ntune: {budget: 3}", "tune.budget: unknown key"),
     ("base: digits_lt\ntune: {seed: -1}", "tune.seed: must be an integer >= 0"),
     ("base: digits_lt\nextra: 1", "unknown key 'extra'"),
+    ("base: digits_lt\ntune: {metric: test/accuracy}", "tune.metric: must be reported at every epoch: one of "
+                                                      "train/loss, train/base_loss, train/cr_loss, train/lr, test/acc"),
+    ("base: digits_lt\ntune: {metric: geometry/curvature_imbalance}",
+     "or a geometry/ or geometry_test/ metric with eval.geometry_every 1; got 'geometry/curvature_imbalance'"),
 ])
 def test_bad_spaces_stop_with_a_clear_message(tmp_path, body, message):
     with pytest.raises(UserError) as info:
         load_space(write(tmp_path, body))
     assert message in str(info.value)
+
+
+def test_a_geometry_metric_is_accepted_when_every_epoch_measures_geometry(tmp_path):
+    space = load_space(write(tmp_path, "base: digits_lt\nfixed: {eval.geometry_every: 1}\n"
+                                       "tune: {metric: geometry/curvature_imbalance, mode: min}"))
+    assert space.metric == "geometry/curvature_imbalance"
 
 
 def test_unknown_space_lists_shipped():

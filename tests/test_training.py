@@ -16,11 +16,12 @@ from mlflow.tracking import MlflowClient
 
 from conftest import free_port
 from orchestrator.errors import UserError
+from orchestrator.evaluation import EPOCH_METRICS
 from orchestrator.tracking import check_reachable, check_store_exists, redact
 
 CURVLT = shutil.which("curvlt") or str(Path(sys.executable).with_name("curvlt"))
-EXPECTED_METRICS = ["train/loss", "train/base_loss", "train/cr_loss", "test/acc", "test/acc_many", "test/acc_medium",
-                    "test/acc_few", "geometry/curvature_mean", "geometry/curvature_imbalance",
+# What every epoch reports (sweeps pick their metric from these), and what geometry epochs add.
+EXPECTED_METRICS = [*EPOCH_METRICS, "geometry/curvature_mean", "geometry/curvature_imbalance",
                     "geometry/corr_acc_curvature",
                     "geometry/corr_acc_separation", "geometry/corr_acc_volume",
                     "geometry/corr_acc_curvature_spearman", "geometry/corr_acc_separation_spearman",
