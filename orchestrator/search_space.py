@@ -116,15 +116,20 @@ def load_space(name_or_path: str, cli_overrides: list[str] | None = None) -> Sea
             set(scheduler) - {"name", "max_t", "grace_period", "reduction_factor"}:
         raise UserError(f"tune.scheduler: must be {{name: fifo}} or {{name: asha, max_t, grace_period, "
                         f"reduction_factor}}, got {scheduler!r}")
+    for key, check, allowed in (("max_t", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = train.epochs)"),
+                                ("grace_period", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+                                ("reduction_factor", lambda v: _is_number(v) and v > 1, "a number > 1")):
+        if key in scheduler and not check(scheduler[key]):
+            raise UserError(f"tune.scheduler.{key}: must be {allowed}, got {scheduler[key]!r}")
     resources = tune.get("resources_per_trial", {}) or {}
-    if set(resources) - {"cpu", "gpu"} or any(not isinstance(v, (int, float)) or v < 0 for v in resources.values()):
+    if set(resources) - {"cpu", "gpu"} or any(not _is_number(v) or v < 0 for v in resources.values()):
         raise UserError(f"tune.resources_per_trial: must be {{cpu: number, gpu: number (fractions allowed)}}, "
                         f"got {resources!r}")
     if tune.get("mode", "max") not in ("max", "min"):
         raise UserError(f"tune.mode: must be 'max' or 'min', got {tune.get('mode')!r}")
     for key, least in (("num_samples", 1), ("max_concurrent_trials", 0), ("seed", 0)):
         value = tune.get(key, least)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not _is_int(value) or value < least:
             raise UserError(f"tune.{key}: must be an integer >= {least}, got {value!r}")
     base = params.pop("base", None)
     bases = base["grid"] if base else (data["base"] if isinstance(data["base"], list) else [data["base"]])
@@ -139,11 +144,23 @@ def load_space(name_or_path: str, cli_overrides: list[str] | None = None) -> Sea
     return space
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _validate_against_configs(space: SearchSpace, cli_overrides: list[str]) -> None:
     """Build a config for every base with every candidate value: bad keys or values fail now; and
     the metric against what the trials report (:func:`_check_metric`)."""
     bases = [trial_config(space, base, {}, cli_overrides) for base in space.base]
     _check_metric(space.metric, bases)
+    max_t = space.scheduler.max_t or bases[0].train.epochs  # as the sweep's ASHA scheduler takes it
+    if space.scheduler.name == "asha" and space.scheduler.grace_period > max_t:
+        raise UserError(f"tune.scheduler.grace_period: must be at most max_t (or train.epochs) = {max_t}, "
+                        f"got {space.scheduler.grace_period}")
     for base in space.base:
         for key, spec in space.params.items():
             for value in _candidate_values(spec):
