@@ -78,7 +78,8 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
         return TrainingOutcome(existing.info.run_id, uri, existing.data.tags.get("curvlt.checkpoint"),
                                dict(existing.data.metrics), trained=False)
     ensure_ray()
-    check_run_can_start(config, data_checked)  # before a run is created or claimed: a run that cannot start leaves no trace
+    # Before a run is created or claimed: a run that cannot start leaves no trace.
+    check_run_can_start(config, data_checked)
     if resume is not None:
         claim(uri, existing.info.run_id)
     if existing is not None:
