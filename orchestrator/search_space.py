@@ -13,7 +13,6 @@ from typing import Any
 from orchestrator.config import (ExperimentConfig, apply_overrides, config_from_dict, differing_keys, flatten,
                                  load_yaml, resolve_config_path, resolve_named_file)
 from orchestrator.errors import UserError
-from orchestrator.evaluation import EPOCH_METRICS, GEOMETRY_PREFIXES
 
 SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -173,7 +172,10 @@ def _validate_against_configs(space: SearchSpace, cli_overrides: list[str]) -> N
 def _check_metric(metric: str, bases: list[ExperimentConfig]) -> None:
     """``tune.metric`` must be in every epoch's report: Tune stops the whole sweep, with a traceback,
     at the first report that lacks it (a misspelt name, or a geometry metric between geometry
-    epochs)."""
+    epochs). The names live with the evaluation, which imports SciPy and the geometry engine: so
+    imported here, not when the command line starts."""
+    from orchestrator.evaluation import EPOCH_METRICS, GEOMETRY_PREFIXES
+
     if metric in EPOCH_METRICS:
         return
     if metric.startswith(GEOMETRY_PREFIXES) and all(base.eval.geometry_every == 1 for base in bases):

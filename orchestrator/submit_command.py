@@ -15,7 +15,6 @@ import shlex
 import time
 
 from orchestrator.errors import UserError
-from orchestrator.ray_env import check_something_answers
 from orchestrator.tracking import redact
 
 #: How the Jobs API says that the head's job agent is not up yet, and how long to wait for it (s).
@@ -47,6 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
+
+    from orchestrator.ray_env import check_something_answers  # imports Ray, which the other commands need not
 
     check_something_answers(address, "--address ")  # a GCS host:port: Ray waits 45 s on one that is down
     try:
