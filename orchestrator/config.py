@@ -206,6 +206,16 @@ def _type_name(annotation: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, str(annotation))
 
 
+def is_integer(value: Any) -> bool:
+    """An integer as YAML gives it, not a bool (YAML's ``true`` is a Python int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An integer or float as YAML gives it, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against ``annotation``; ints are accepted for floats, nothing else is converted."""
     origin = typing.get_origin(annotation)
@@ -222,10 +232,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, list):
             return [_coerce(item, typing.get_args(annotation)[0], key) for item in value]
     elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_number(value):
             return float(value)
     elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_integer(value):
             return value
     elif isinstance(value, annotation):
         return value

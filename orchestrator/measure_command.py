@@ -10,7 +10,7 @@ import pandas as pd
 
 from curvature import class_geometry
 from curvature.rotation import TangentDim
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, make_folder
 from orchestrator.features_io import load_features
 from orchestrator.measure_example import EXAMPLE_PATH
 from orchestrator.progress import ProgressLine
@@ -46,11 +46,7 @@ def _prepare_out(out: Path) -> None:
     written as, and its folder, made if missing."""
     if out.suffix not in (".csv", ".json"):
         raise UserError(f"--out: unsupported extension {out.suffix!r}; use .csv or .json")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
-        raise UserError(f"--out {out}: cannot make its folder {out.parent} ({reason or exc})") from None
+    make_folder(out.parent, f"--out {out}: cannot make its folder {out.parent}")
 
 
 def _write(table: pd.DataFrame, out: Path) -> None:

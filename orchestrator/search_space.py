@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import (ExperimentConfig, apply_overrides, config_from_dict, differing_keys, flatten,
-                                 load_yaml, resolve_config_path, resolve_named_file)
+                                 is_integer, is_number, load_yaml, resolve_config_path, resolve_named_file)
 from orchestrator.errors import UserError
 
 SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -58,12 +58,11 @@ def _check_distribution(key: str, spec: Any) -> None:
         if not isinstance(args, list) or not args:
             raise UserError(f"param_space.{key}.{kind}: must be a non-empty list of values")
         return
-    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool)
-                                                              for a in args) and args[0] < args[1]):
+    if not (isinstance(args, list) and len(args) == 2 and all(is_number(a) for a in args) and args[0] < args[1]):
         raise UserError(f"param_space.{key}.{kind}: must be [low, high] numbers with low < high, got {args!r}")
     if kind == "loguniform" and args[0] <= 0:
         raise UserError(f"param_space.{key}.loguniform: bounds must be > 0, got {args!r}")
-    if kind == "randint" and not all(isinstance(a, int) for a in args):
+    if kind == "randint" and not all(is_integer(a) for a in args):
         raise UserError(f"param_space.{key}.randint: bounds must be integers, got {args!r}")
 
 
@@ -115,20 +114,20 @@ def load_space(name_or_path: str, cli_overrides: list[str] | None = None) -> Sea
             set(scheduler) - {"name", "max_t", "grace_period", "reduction_factor"}:
         raise UserError(f"tune.scheduler: must be {{name: fifo}} or {{name: asha, max_t, grace_period, "
                         f"reduction_factor}}, got {scheduler!r}")
-    for key, check, allowed in (("max_t", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = train.epochs)"),
-                                ("grace_period", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-                                ("reduction_factor", lambda v: _is_number(v) and v > 1, "a number > 1")):
+    for key, check, allowed in (("max_t", lambda v: is_integer(v) and v >= 0, "an integer >= 0 (0 = train.epochs)"),
+                                ("grace_period", lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
+                                ("reduction_factor", lambda v: is_number(v) and v > 1, "a number > 1")):
         if key in scheduler and not check(scheduler[key]):
             raise UserError(f"tune.scheduler.{key}: must be {allowed}, got {scheduler[key]!r}")
     resources = tune.get("resources_per_trial", {}) or {}
-    if set(resources) - {"cpu", "gpu"} or any(not _is_number(v) or v < 0 for v in resources.values()):
+    if set(resources) - {"cpu", "gpu"} or any(not is_number(v) or v < 0 for v in resources.values()):
         raise UserError(f"tune.resources_per_trial: must be {{cpu: number, gpu: number (fractions allowed)}}, "
                         f"got {resources!r}")
     if tune.get("mode", "max") not in ("max", "min"):
         raise UserError(f"tune.mode: must be 'max' or 'min', got {tune.get('mode')!r}")
     for key, least in (("num_samples", 1), ("max_concurrent_trials", 0), ("seed", 0)):
         value = tune.get(key, least)
-        if not _is_int(value) or value < least:
+        if not is_integer(value) or value < least:
             raise UserError(f"tune.{key}: must be an integer >= {least}, got {value!r}")
     base = params.pop("base", None)
     bases = base["grid"] if base else (data["base"] if isinstance(data["base"], list) else [data["base"]])
@@ -141,14 +140,6 @@ def load_space(name_or_path: str, cli_overrides: list[str] | None = None) -> Sea
         sample_seed=tune.get("seed", 0))
     _validate_against_configs(space, cli_overrides or [])
     return space
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _validate_against_configs(space: SearchSpace, cli_overrides: list[str]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.config import ExperimentConfig, flatten
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, make_folder
 
 #: Tag holding the stable key of a run that may be resumed (a sweep trial: "<sweep>/<trial id>").
 RUN_KEY_TAG = "curvlt.run_key"
@@ -69,11 +69,7 @@ def check_reachable(uri: str, option: str = "mlflow.tracking_uri", timeout_s: fl
     traceback of 40-odd lines. ``option``: where the URI was given."""
     database = sqlite_file(uri)
     if database is not None:
-        try:
-            database.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"{option}: cannot make the folder {database.parent} of {uri} "
-                            f"({exc.strerror or exc})") from None
+        make_folder(database.parent, f"{option}: cannot make the folder {database.parent} of {uri}")
     elif not uri.startswith(("http://", "https://")):
         try:
             client(uri).search_experiments(max_results=1)
