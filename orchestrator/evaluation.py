@@ -21,11 +21,16 @@ SHOT_NAMES = ("many", "medium", "few")
 #: the test accuracies (:func:`accuracy_metrics`; a shot group only when some class is in it).
 EPOCH_METRICS = ("train/loss", "train/base_loss", "train/cr_loss", "train/lr", "test/acc",
                  *(f"test/acc_{name}" for name in SHOT_NAMES))
-#: The metrics of geometry epochs only (``eval.geometry_every``; every epoch when it is 1).
-GEOMETRY_PREFIXES = ("geometry/", "geometry_test/")
 #: Geometry measure -> column of curvature.class_geometry; "curvature" is the dimensionless angle
 #: curvature a_c that CR acts on (scale-free, so comparable across classes and epochs).
 MEASURES = {"curvature": "mean_angle", "separation": "separation", "volume": "volume"}
+#: The metrics of geometry epochs only (``eval.geometry_every``; every epoch when it is 1), of the
+#: train features (``geometry/``) and the test features (``geometry_test/``):
+#: :func:`correlation_metrics`' names. A value that is undefined at an epoch is left out of it.
+GEOMETRY_METRICS = tuple(f"{prefix}/{name}" for prefix in ("geometry", "geometry_test")
+                         for name in ("curvature_mean", "curvature_imbalance",
+                                      *(f"corr_acc_{measure}{suffix}" for measure in MEASURES
+                                        for suffix in ("", "_spearman"))))
 
 
 @dataclass

@@ -165,14 +165,15 @@ def _check_metric(metric: str, bases: list[ExperimentConfig]) -> None:
     at the first report that lacks it (a misspelt name, or a geometry metric between geometry
     epochs). The names live with the evaluation, which imports SciPy and the geometry engine: so
     imported here, not when the command line starts."""
-    from orchestrator.evaluation import EPOCH_METRICS, GEOMETRY_PREFIXES
+    from orchestrator.evaluation import EPOCH_METRICS, GEOMETRY_METRICS
 
     if metric in EPOCH_METRICS:
         return
-    if metric.startswith(GEOMETRY_PREFIXES) and all(base.eval.geometry_every == 1 for base in bases):
+    if metric in GEOMETRY_METRICS and all(base.eval.geometry_every == 1 for base in bases):
         return
+    geometry = "" if metric in GEOMETRY_METRICS else f" ({', '.join(GEOMETRY_METRICS)})"
     raise UserError(f"tune.metric: must be reported at every epoch: one of {', '.join(EPOCH_METRICS)}, or a "
-                    f"{' or '.join(GEOMETRY_PREFIXES)} metric with eval.geometry_every 1; got {metric!r}")
+                    f"geometry metric{geometry} with eval.geometry_every 1; got {metric!r}")
 
 
 def swept_keys(space: SearchSpace, cli_overrides: list[str]) -> list[str]:

@@ -82,7 +82,9 @@ def write(tmp_path, text: str) -> str:
     ("base: digits_lt\ntune: {metric: test/accuracy}", "tune.metric: must be reported at every epoch: one of "
                                                       "train/loss, train/base_loss, train/cr_loss, train/lr, test/acc"),
     ("base: digits_lt\ntune: {metric: geometry/curvature_imbalance}",
-     "or a geometry/ or geometry_test/ metric with eval.geometry_every 1; got 'geometry/curvature_imbalance'"),
+     "or a geometry metric with eval.geometry_every 1; got 'geometry/curvature_imbalance'"),
+    ("base: digits_lt\nfixed: {eval.geometry_every: 1}\ntune: {metric: geometry/curvature_imbalence}",
+     "or a geometry metric (geometry/curvature_mean, geometry/curvature_imbalance, geometry/corr_acc_curvature, "),
 ])
 def test_bad_spaces_stop_with_a_clear_message(tmp_path, body, message):
     with pytest.raises(UserError) as info:

@@ -16,16 +16,12 @@ from mlflow.tracking import MlflowClient
 
 from conftest import free_port
 from orchestrator.errors import UserError
-from orchestrator.evaluation import EPOCH_METRICS
+from orchestrator.evaluation import EPOCH_METRICS, GEOMETRY_METRICS
 from orchestrator.tracking import check_reachable, check_store_exists, redact
 
 CURVLT = shutil.which("curvlt") or str(Path(sys.executable).with_name("curvlt"))
 # What every epoch reports (sweeps pick their metric from these), and what geometry epochs add.
-EXPECTED_METRICS = [*EPOCH_METRICS, "geometry/curvature_mean", "geometry/curvature_imbalance",
-                    "geometry/corr_acc_curvature",
-                    "geometry/corr_acc_separation", "geometry/corr_acc_volume",
-                    "geometry/corr_acc_curvature_spearman", "geometry/corr_acc_separation_spearman",
-                    "geometry/corr_acc_volume_spearman"]
+EXPECTED_METRICS = [*EPOCH_METRICS, *(name for name in GEOMETRY_METRICS if name.startswith("geometry/"))]
 
 
 def curvlt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
