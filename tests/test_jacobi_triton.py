@@ -71,9 +71,10 @@ print(json.dumps("ok"))
 def test_jacobi_matches_torch_eigh_in_triton_interpreter_on_cpu():
     """Both kernels' arithmetic, run by Triton's interpreter. The thread-per-matrix kernel: sizes 1
     (no rotation), 2 (one), 3 and 4 (CR's pair matrices at tangent dimensions 3 and 4). The
-    round-robin kernel: 1 (padded to 2, nothing to turn), 5 (padded to 8), 11 (CR's patches at
-    k = 10, padded to 16) and 16 (no padding)."""
-    cases = (("jacobi_eigh", (1, 2, 3, 4)), ("round_robin_eigh", (1, 5, 11, 16)))
+    round-robin kernel: 1 (padded to 2, nothing to turn), 5 (padded to 8) and 16 (no padding; the
+    size CR's patches at k = 10, 11 points, are padded to). The interpreter takes 10-20 s a size
+    there, so 11 itself is left to the CUDA test below."""
+    cases = (("jacobi_eigh", (1, 2, 3, 4)), ("round_robin_eigh", (1, 5, 16)))
     script = INTERPRETED.format(tests=str(ROOT / "tests"), cases=cases)
     environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=600)

@@ -15,6 +15,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port
@@ -50,9 +51,19 @@ def finished_trial_runs(db: Path) -> int:
         return 0
 
 
-def test_tiny_sweep_then_compare_json(tmp_path):
-    result = curvlt("tune", str(SPACES / "tiny.yaml"), "--set", "mlflow.experiment=X", cwd=tmp_path)
+def test_sweep_of_trials_that_need_every_cpu_then_compare_json(tmp_path):
+    """The tiny sweep with a worker that asks for all of this machine's CPUs, and no concurrency
+    limit given: each trial must find every CPU free (the trial itself holds none; with a 0.01-CPU
+    token the worker never started) and curvlt, not Tune, must run them one at a time (Tune alone
+    started both, and the second's workers timed out waiting). Its runs are then compared."""
+    from ray._private.utils import get_num_cpus  # the CPU count Ray gives the node it starts here
+
+    space = yaml.safe_load((SPACES / "tiny.yaml").read_text())
+    space["tune"] = {"metric": "test/acc", "mode": "max", "resources_per_trial": {"cpu": get_num_cpus()}}
+    (tmp_path / "whole_node.yaml").write_text(yaml.safe_dump(space))
+    result = curvlt("tune", str(tmp_path / "whole_node.yaml"), "--set", "mlflow.experiment=X", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "up to 1 trial(s) at a time" in result.stdout
     assert "delta_acc_vs_no_cr" in result.stdout  # the comparison table ends the sweep
     runs = sweep_runs(tmp_path / "mlflow.db", "X")
     assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
@@ -64,25 +75,6 @@ def test_tiny_sweep_then_compare_json(tmp_path):
     assert all(GROUP_KEYS <= set(g) for g in groups)
     assert groups[0]["delta_acc_vs_no_cr"] == 0.0 and groups[0]["n_runs"] == 1
     assert (tmp_path / "curvlt_compare" / "X" / "accuracy_vs_weight.png").is_file()
-
-
-def test_trials_that_need_every_cpu_run_one_at_a_time(tmp_path):
-    """A trial whose worker asks for all of this machine's CPUs, and no concurrency limit given:
-    each trial must find every CPU free (the trial itself holds none; with a 0.01-CPU token the
-    worker never started) and curvlt, not Tune, must run them one at a time (Tune alone started
-    both, and the second's workers timed out waiting)."""
-    from ray._private.utils import get_num_cpus  # the CPU count Ray gives the node it starts here
-
-    space = tmp_path / "whole_node.yaml"
-    space.write_text("base: digits_lt\nexperiment: whole-node\n"
-                     "fixed: {train.epochs: 2, eval.geometry_every: 0, cr.weight: 0.5, cr.start_epoch: 0}\n"
-                     "param_space: {seed: {grid: [0, 1]}}\n"
-                     f"tune: {{metric: test/acc, mode: max, resources_per_trial: {{cpu: {get_num_cpus()}}}}}\n")
-    result = curvlt("tune", str(space), cwd=tmp_path, timeout=300)  # ~50 s; with the old token it hung
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "up to 1 trial(s) at a time" in result.stdout
-    runs = sweep_runs(tmp_path / "mlflow.db", "whole-node")
-    assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
 
 
 def test_asha_stops_trials_early_and_releases_their_workers(tmp_path):
@@ -103,7 +95,7 @@ def test_asha_stops_trials_early_and_releases_their_workers(tmp_path):
 
 
 def test_interrupted_sweep_resumes_remaining_trials(tmp_path):
-    process = subprocess.Popen([CURVLT, "tune", str(SPACES / "four.yaml")], cwd=tmp_path, stdout=subprocess.PIPE,
+    process = subprocess.Popen([CURVLT, "tune", str(SPACES / "three.yaml")], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     db = tmp_path / "mlflow.db"
     deadline = time.time() + 400
@@ -113,21 +105,21 @@ def test_interrupted_sweep_resumes_remaining_trials(tmp_path):
     process.send_signal(signal.SIGTERM)  # a preempted driver: curvlt makes it do what Ctrl-C does
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 130, output[-3000:]  # through Tune's graceful stop, not Ray's sys.exit
-    assert "sweep interrupted after" in output and "four.yaml --resume" in output, output[-3000:]
+    assert "sweep interrupted after" in output and "three.yaml --resume" in output, output[-3000:]
     unfinished = [run for run in sweep_runs(db, "resume-sweep") if run.info.status != "FINISHED"]
     assert all(run.info.status == "KILLED" for run in unfinished), [run.info.status for run in unfinished]
     finished_before = [run for run in sweep_runs(db, "resume-sweep") if run.info.status == "FINISHED"]
-    assert 1 <= len(finished_before) < 4, output[-3000:]
+    assert 1 <= len(finished_before) < 3, output[-3000:]
     # The trial the signal stopped is not counted as ended (it was, as Tune marks it TERMINATED); one
     # whose run finished just before the signal may not be either, if Tune had not taken its result.
-    ended = int(output.split("sweep interrupted after ")[1].split(" of 4 trials")[0])
+    ended = int(output.split("sweep interrupted after ")[1].split(" of 3 trials")[0])
     assert len(finished_before) - 1 <= ended <= len(finished_before), output[-3000:]
 
-    resumed = curvlt("tune", str(SPACES / "four.yaml"), "--resume", cwd=tmp_path)
+    resumed = curvlt("tune", str(SPACES / "three.yaml"), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     runs = sweep_runs(db, "resume-sweep")
     trials = [run.data.tags["curvlt.trial"] for run in runs]
-    assert len(runs) == 4 and len(set(trials)) == 4, trials  # exactly one run per trial
+    assert len(runs) == 3 and len(set(trials)) == 3, trials  # exactly one run per trial
     assert all(run.info.status == "FINISHED" for run in runs)
     assert {run.info.run_id for run in finished_before} <= {run.info.run_id for run in runs}
     for run in unfinished:  # an interrupted trial continued in its own run
@@ -161,12 +153,15 @@ def ray_head(tmp_path):
     ray = str(Path(sys.executable).with_name("ray"))
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # shared with the client
     loopback = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # else Ray binds the machine's external address
+    # On SIGTERM, stop at once: a node that has run a job waited the whole 30 s default to drain.
+    no_drain = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     log = open(tmp_path / "ray-head.log", "w")
     head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
                              "--num-cpus=2", "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=tmp_path, start_new_session=True,  # as from an activated environment:
-                            env={**os.environ, **auth, **loopback, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+                            cwd=tmp_path, start_new_session=True,
+                            env={**os.environ, **auth, **loopback, **no_drain,  # as from an activated environment:
+                                 "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 180
     while True:
@@ -181,12 +176,17 @@ def ray_head(tmp_path):
                 pytest.fail(f"ray head did not start: {(tmp_path / 'ray-head.log').read_text()[-2000:]}")
             time.sleep(1)
     yield address, auth
-    os.killpg(head.pid, signal.SIGTERM)
+    # `ray start` alone, which stops its processes: signalled with them, it found its GCS gone and
+    # waited 30 s for it.
+    head.terminate()
     try:
         head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-    log.close()
+    finally:
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # whatever did not stop with it
+        except ProcessLookupError:
+            pass
+        log.close()
 
 
 def test_submitted_sweep_finishes_and_lands_in_mlflow(ray_head, tmp_path):
