@@ -284,7 +284,9 @@ def _cross_checks(config: ExperimentConfig) -> None:
         raise UserError(f"cr.start_epoch: must be below train.epochs = {config.train.epochs} when cr.weight > 0 "
                         f"(epochs count from 0), got {config.cr.start_epoch}: CR would never apply")
     if config.train.warmup_epochs >= config.train.epochs and config.train.warmup_epochs > 0:
-        raise UserError(f"train.warmup_epochs: must be below train.epochs = {config.train.epochs}")
+        raise UserError(f"train.warmup_epochs: must be below train.epochs = {config.train.epochs}, got "
+                        f"{config.train.warmup_epochs}: the learning rate would never reach train.lr (for a "
+                        f"shorter trial run, set train.warmup_epochs to 0 too)")
     late = [milestone for milestone in config.train.milestones if milestone >= config.train.epochs]
     if config.train.schedule == "step" and late:
         raise UserError(f"train.milestones: must be below train.epochs = {config.train.epochs} (epochs count from 0), "

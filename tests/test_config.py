@@ -78,13 +78,16 @@ def test_bad_values_name_the_key(override, message):
     (["eval.geometry_max_points=10"],
      "eval.geometry_max_points: must be above eval.geometry_k = 10 (a class needs k + 1 points to be measured), "
      "got 10"),
+    (["train.warmup_epochs=3"],
+     "train.warmup_epochs: must be below train.epochs = 3, got 3: the learning rate would never reach train.lr "
+     "(for a shorter trial run, set train.warmup_epochs to 0 too)"),
     (["=3"], "--set =3: expected key=value with a dotted key, e.g. --set train.epochs=3"),
     (["train..epochs=3"],
      "--set train..epochs=3: expected key=value with a dotted key, e.g. --set train.epochs=3"),
 ])
 def test_settings_that_would_silently_do_nothing_are_refused(overrides, message):
-    """A step schedule shortened below its milestones would never lower the learning rate, and a
-    geometry subsample of at most k points per class would measure no class."""
+    """A step schedule shortened below its milestones would never lower the learning rate, nor a
+    warm-up as long as the run raise it to ``train.lr``; a geometry subsample of at most k points per class would measure no class."""
     with pytest.raises(UserError) as info:
         load_config("digits_lt", ["train.epochs=3", *overrides])
     assert str(info.value) == message
