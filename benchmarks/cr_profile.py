@@ -1,7 +1,7 @@
 """Where CR's time goes: its forward and backward alone, on fixed features, under torch.profiler.
 
-    python benchmarks/cr_profile.py                          # CPU: Fashion-MNIST-shaped (10 classes, Q = 32, p = 128)
-    python benchmarks/cr_profile.py --cuda                   # GPU: ResNet-32 / CIFAR-100-shaped (100 classes, Q = 128, p = 64)
+    python benchmarks/cr_profile.py          # CPU: Fashion-MNIST-shaped (10 classes, Q = 32, p = 128)
+    python benchmarks/cr_profile.py --cuda   # GPU: ResNet-32 / CIFAR-100-shaped (100 classes, Q = 128, p = 64)
     python benchmarks/cr_profile.py --cuda --tangent-dim 4 --eager --rows 40
     python benchmarks/cr_profile.py --cuda --tangent-dim 2 --uncaptured   # the graphed path's kernels
 
@@ -41,7 +41,8 @@ def main() -> None:
     parser.add_argument("--cuda", action="store_true", help="profile on the GPU (ResNet-32 / CIFAR-100 shapes)")
     parser.add_argument("--eager", action="store_true", help="on CUDA, the eager path instead of CUDA graphs")
     parser.add_argument("--uncaptured", action="store_true",
-                        help="on CUDA, the graphed path's segments run as plain functions (their kernels profiled one by one)")
+                        help="on CUDA, the graphed path's segments run as plain functions (their kernels "
+                             "profiled one by one)")
     parser.add_argument("--tangent-dim", default="auto", help="'auto' or an integer (default: auto)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--steps", type=int, default=10, help="profiled steps (after as many warm-up steps)")
@@ -68,7 +69,8 @@ def main() -> None:
         dim = cr(features, labels, epoch=10**6).tangent_dim
     best = best_time(lambda: step(cr, features, labels), repeats=args.steps, warmup=args.steps)
     print(describe())
-    path = "eager" if not args.cuda or args.eager else "CUDA graphs' segments, uncaptured" if args.uncaptured else "CUDA graphs"
+    path = ("eager" if not args.cuda or args.eager
+            else "CUDA graphs' segments, uncaptured" if args.uncaptured else "CUDA graphs")
     print(f"CR alone ({device.type}, {path}, {num_classes} classes, Q = {queue_size}, p = {feature_dim}, "
           f"batch {batch}, k = {args.k}, tangent dim {dim}): best of {args.steps} steps {best * 1e3:.2f} ms "
           f"per forward and backward")

@@ -205,7 +205,8 @@ def memory_section() -> None:
 def noise_section() -> None:
     """How much isotropic ambient noise each estimator tolerates (SPEC §3.3: measure, don't hide)."""
     print("\n## noise tolerance: S^2 (r=1), 2,000 points in R^64, isotropic Gaussian noise of std sigma per axis")
-    print("| sigma | sigma*sqrt(p) | auto d | tangent rotation kappa*r (auto, k=15) | (d=2, k=15) | quadratic Gaussian*r^2 (d=2, k=30) |")
+    print("| sigma | sigma*sqrt(p) | auto d | tangent rotation kappa*r (auto, k=15) | (d=2, k=15) "
+          "| quadratic Gaussian*r^2 (d=2, k=30) |")
     print("|---:|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(3)
     clean = manifolds.sphere(2000, 2, 1.0, 64, rng)

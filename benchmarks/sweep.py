@@ -62,8 +62,8 @@ def main() -> None:
     args = parser.parse_args()
     print(describe())
     results = {c: run(c, args.full) for c in (1, 2)}
-    print("\n| concurrency | trials | sweep wall (s) | trials per hour | mean trial (s) | "
-          "Ray start-up + teardown (s) | setup (s) | epochs (s) | eval + geometry (s) | MLflow logging (s) | checkpoints (s) |")
+    print("\n| concurrency | trials | sweep wall (s) | trials per hour | mean trial (s) | Ray start-up + teardown (s) "
+          "| setup (s) | epochs (s) | eval + geometry (s) | MLflow logging (s) | checkpoints (s) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for concurrency, r in results.items():
         inside = sum(r[p] for p in PARTS)

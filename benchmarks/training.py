@@ -126,7 +126,8 @@ def compare(name: str, state: str, model, loss_fn, cr_config: CRConfig, num_clas
     if device.type == "cuda":
         kinds.append(StepKind(f"{name}, eager", regularizer(False)))
         if every_class_too:
-            kinds.append(StepKind(f"{name}, eager, every class measured each step", regularizer(False), every_class=True))
+            kinds.append(StepKind(f"{name}, eager, every class measured each step", regularizer(False),
+                                  every_class=True))
     for kind in kinds[2:]:  # each kind its own module, so that no queue gets a batch twice (exact copies)
         kind.cr.load_state_dict(cr.state_dict())
     if gather is not None:
@@ -176,8 +177,8 @@ def train_base(model, loss_fn, loader, config, epochs: int) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        print(f"  (trained {config.model.name} epoch {epoch + 1}/{epochs} with the base loss: {time.perf_counter() - start:.0f} s)",
-              flush=True)
+        print(f"  (trained {config.model.name} epoch {epoch + 1}/{epochs} with the base loss: "
+              f"{time.perf_counter() - start:.0f} s)", flush=True)
 
 
 def step_ratio(times: list[float], base: list[float], every: int, skipped: int) -> tuple[float, float]:
@@ -300,7 +301,8 @@ def gpu_section(steps: int) -> None:
     alone = {}
     print(TABLE_HEADER)
     for batch_size, workers in ((32, 1), (128, 1), (32, 8)):
-        name = f"resnext50, ImageNet-LT-shaped, batch {batch_size}" + (f", 1 of {workers} workers" if workers > 1 else "")
+        name = f"resnext50, ImageNet-LT-shaped, batch {batch_size}"
+        name += f", 1 of {workers} workers" if workers > 1 else ""
         alone |= gpu_rows(name, "resnext50", "imagenet_lt", (3, 224, 224), long_tail_counts(1280, 1000, 256),
                           batch_size, steps, ("auto",), every_class_too=True, other_workers=workers - 1)
     print_host_bound(alone)

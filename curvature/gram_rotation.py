@@ -249,7 +249,8 @@ def _centre_columns(coefficients: torch.Tensor) -> torch.Tensor:
     return coefficients - coefficients.mean(dim=1, keepdim=True)
 
 
-def _undirected_edges(indices: torch.Tensor, symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _undirected_edges(indices: torch.Tensor,
+                      symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each neighbour pair once: the principal angles between ``T_i`` and ``T_j`` do not depend on
     the order when both have all d directions (``symmetric``), and most k-NN edges come in both
     directions. Returns the (own, other) rows of the distinct edges and, per directed edge
@@ -261,6 +262,6 @@ def _undirected_edges(indices: torch.Tensor, symmetric: torch.Tensor) -> tuple[t
     low, high = torch.minimum(own, other), torch.maximum(own, other)
     keys = torch.where(both, low * n + high, n * n + own * n + other)  # asymmetric edges stay apart
     distinct, which = torch.unique(keys, return_inverse=True)
-    first = torch.full_like(distinct, own.numel()).scatter_reduce(0, which, torch.arange(own.numel(), device=own.device),
-                                                                  "amin")
+    edge_order = torch.arange(own.numel(), device=own.device)
+    first = torch.full_like(distinct, own.numel()).scatter_reduce(0, which, edge_order, "amin")
     return own[first], other[first], which

@@ -116,8 +116,8 @@ def curvature_segment(num_classes: int, k: int, dim: int, eps: float, balance_we
     return segment
 
 
-def captured(segment: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
-             sample: tuple[torch.Tensor, ...], warmup: int = 3) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
+def captured(segment: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], sample: tuple[torch.Tensor, ...],
+             warmup: int = 3) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
     """``segment`` as a differentiable function whose forward and backward each replay one CUDA
     graph, captured on copies of ``sample``: what :func:`torch.cuda.make_graphed_callables` does for
     one function, with two differences. Warm-up and both captures run on one side stream (PyTorch

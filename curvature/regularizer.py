@@ -79,7 +79,8 @@ class _Measured:
     def class_curvature(self, dim: int, dtype: torch.dtype) -> torch.Tensor:
         """(C',) ``g_c``: the mean angle curvature of each class normalised to [0, 1] (SPEC §4)."""
         angle = gram_angles(self.patches, self.neighbours, dim, dtype)
-        total = torch.zeros(self.classes.numel(), dtype=angle.dtype, device=angle.device).index_add(0, self.owner, angle)
+        total = torch.zeros(self.classes.numel(), dtype=angle.dtype, device=angle.device)
+        total = total.index_add(0, self.owner, angle)
         return normalised_curvature(total / class_counts(self.owner, self.classes.numel()), dim)
 
 
@@ -193,7 +194,8 @@ class CurvatureRegularizer(nn.Module):
         histogram = cache.histogram * kept[:, None]  # only the auto dimension reads these
         if self.tangent_dim == "auto":
             if fresh is not None:
-                histogram = histogram.index_put((fresh.classes,), fresh.count_histograms(self.num_classes)[fresh.classes])
+                counted = fresh.count_histograms(self.num_classes)[fresh.classes]
+                histogram = histogram.index_put((fresh.classes,), counted)
             dim = dim_from_histogram(histogram.sum(dim=0), self.k)
         else:
             dim = self.tangent_dim

@@ -87,7 +87,8 @@ class LDAMLoss(LongTailLoss):
     def __init__(self, config: LossConfig, class_counts: np.ndarray):
         super().__init__(class_counts, config.drw_epoch)
         margins = 1.0 / np.power(np.asarray(class_counts, dtype=np.float64), 0.25)
-        self.register_buffer("margins", torch.tensor(margins * (config.ldam_max_m / margins.max()), dtype=torch.float32))
+        margins = margins * (config.ldam_max_m / margins.max())
+        self.register_buffer("margins", torch.tensor(margins, dtype=torch.float32))
         self.scale = config.ldam_s
 
     def adjust(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,8 @@ def mlp(input_shape: tuple[int, ...], num_classes: int, width: int = 128, featur
 
 
 @MODELS.register("small_cnn")
-def small_cnn(input_shape: tuple[int, ...], num_classes: int, width: int = 32, feature_dim: int = 128) -> FeatureClassifier:
+def small_cnn(input_shape: tuple[int, ...], num_classes: int, width: int = 32,
+              feature_dim: int = 128) -> FeatureClassifier:
     """Two conv-BN-ReLU-pool stages and a dense layer, for 28x28 (or 8x8) grey images."""
     channels, height, width_px = input_shape
     backbone = nn.Sequential(

@@ -51,8 +51,8 @@ def resolve_space_path(name_or_path: str) -> Path:
 
 def _check_distribution(key: str, spec: Any) -> None:
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-        raise UserError(f"param_space.{key}: must be one of {{grid|choice: [values]}}, {{uniform|loguniform: [low, high]}}"
-                        f" or {{randint: [low, high]}}, got {spec!r}")
+        raise UserError(f"param_space.{key}: must be one of {{grid|choice: [values]}}, "
+                        f"{{uniform|loguniform: [low, high]}} or {{randint: [low, high]}}, got {spec!r}")
     kind, args = next(iter(spec.items()))
     if kind in ("grid", "choice"):
         if not isinstance(args, list) or not args:

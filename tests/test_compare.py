@@ -14,9 +14,9 @@ from orchestrator.compare import (DEFAULT_GROUP_BY, _label, compare_runs, defaul
 def runs(rows: list[tuple[str, str, str, float]]) -> pd.DataFrame:
     """Runs as ``runs_frame`` gives them: params as MLflow's strings, metrics as numbers."""
     return pd.DataFrame([{"run_id": str(i), "swept": "cr.balance_weight,seed", "dataset.name": "d", "loss.name": "ce",
-                          "cr.weight": weight,
-                          "cr.balance_weight": beta, "seed": seed, "acc": acc, "acc_many": acc, "acc_medium": acc,
-                          "acc_few": acc, "curvature": 1.0, "curvature_imbalance": 0.1} for i, (weight, beta, seed, acc) in enumerate(rows)])
+                          "cr.weight": weight, "cr.balance_weight": beta, "seed": seed, "acc": acc, "acc_many": acc,
+                          "acc_medium": acc, "acc_few": acc, "curvature": 1.0, "curvature_imbalance": 0.1}
+                         for i, (weight, beta, seed, acc) in enumerate(rows)])
 
 
 def test_a_sweep_groups_by_what_it_varies_except_the_seed():

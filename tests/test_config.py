@@ -23,7 +23,8 @@ def test_bundled_config_loads(name):
 
 def test_paper_protocol_for_cifar():
     config = load_config("cifar100_lt")
-    assert (config.model.name, config.train.epochs, config.train.batch_size, config.train.lr) == ("resnet32", 200, 128, 0.1)
+    assert (config.model.name, config.train.epochs, config.train.batch_size, config.train.lr) == \
+        ("resnet32", 200, 128, 0.1)
     assert config.train.schedule == "step" and config.train.warmup_epochs == 5 and config.train.milestones == [160, 180]
 
 
@@ -87,7 +88,8 @@ def test_bad_values_name_the_key(override, message):
 ])
 def test_settings_that_would_silently_do_nothing_are_refused(overrides, message):
     """A step schedule shortened below its milestones would never lower the learning rate, nor a
-    warm-up as long as the run raise it to ``train.lr``; a geometry subsample of at most k points per class would measure no class."""
+    warm-up as long as the run raise it to ``train.lr``; a geometry subsample of at most k points
+    per class would measure no class."""
     with pytest.raises(UserError) as info:
         load_config("digits_lt", ["train.epochs=3", *overrides])
     assert str(info.value) == message

@@ -39,9 +39,11 @@ def test_fashion_mnist_reads_the_debian_package():
 
 
 def test_synthetic_manifolds_know_their_curvature():
-    config = DatasetConfig(name="synthetic_manifolds", synthetic=SyntheticConfig(num_classes=4, radius_min=1, radius_max=2))
+    config = DatasetConfig(name="synthetic_manifolds",
+                           synthetic=SyntheticConfig(num_classes=4, radius_min=1, radius_max=2))
     bundle = build_dataset(config, seed=0)
-    assert bundle.true_curvature.tolist() == pytest.approx([2.0, 2 ** (4 / 3), 2 ** (5 / 3), 4.0])  # 1/r after scaling by 1/(2 r_max)
+    # 1/r after scaling by 1/(2 r_max)
+    assert bundle.true_curvature.tolist() == pytest.approx([2.0, 2 ** (4 / 3), 2 ** (5 / 3), 4.0])
 
 
 @pytest.mark.parametrize("name", NEEDS_FILES)

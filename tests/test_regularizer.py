@@ -65,7 +65,8 @@ def test_balance_term_and_flatter_is_lower(rng):
     labels = torch.repeat_interleave(torch.arange(2), 150)
     features = torch.tensor(np.concatenate([flat, curved]), dtype=torch.float32)
     plain = CurvatureRegularizer(2, 6, weight=1.0, tangent_dim=2, queue_size=4)(features, labels, 0)
-    balanced = CurvatureRegularizer(2, 6, weight=1.0, tangent_dim=2, queue_size=4, balance_weight=1.0)(features, labels, 0)
+    balanced = CurvatureRegularizer(2, 6, weight=1.0, tangent_dim=2, queue_size=4,
+                                    balance_weight=1.0)(features, labels, 0)
     g = plain.class_curvature
     assert float(g[0]) < float(g[1])
     assert float(balanced.loss) == pytest.approx(float(plain.loss) + float(g.std(unbiased=False)), rel=1e-5)
@@ -270,4 +271,5 @@ def test_the_readme_loop_runs_as_written(tmp_path, monkeypatch):
     assert bool(result.measured.all()) and 0 < float(result.loss.detach()) < math.inf and result.tangent_dim >= 1
     assert all(not torch.equal(a, b) for a, b in zip(before, parameters))
     saved = torch.load(tmp_path / "checkpoint.pt")
-    assert torch.equal(saved["cr"]["queue.queue"], cr.queue.queue) and cr.queue.count.tolist() == [96] * 4  # 4 epochs x 24 per class
+    assert torch.equal(saved["cr"]["queue.queue"], cr.queue.queue)
+    assert cr.queue.count.tolist() == [96] * 4  # 4 epochs x 24 per class

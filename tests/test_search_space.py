@@ -117,7 +117,8 @@ def _sampled_trials(space: SearchSpace) -> list[dict]:
 
 
 def test_sampled_values_repeat_with_the_space_seed(tmp_path):
-    body = ("base: digits_lt\nparam_space: {train.lr: {loguniform: [0.01, 0.2]}, cr.weight: {choice: [0.0, 0.5, 1.0]}}\n"
+    body = ("base: digits_lt\n"
+            "param_space: {train.lr: {loguniform: [0.01, 0.2]}, cr.weight: {choice: [0.0, 0.5, 1.0]}}\n"
             "tune: {num_samples: 4, seed: %d}")
     first, again = (_sampled_trials(load_space(write(tmp_path, body % 3))) for _ in range(2))
     other = _sampled_trials(load_space(write(tmp_path, body % 4)))

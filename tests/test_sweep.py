@@ -193,8 +193,8 @@ def test_submitted_sweep_finishes_and_lands_in_mlflow(ray_head, tmp_path):
     ray_head, auth = ray_head
     db = tmp_path / "mlflow.db"
     result = curvlt("submit", "--address", ray_head, "--env", f"MLFLOW_TRACKING_URI=sqlite:///{db}", "--wait", "--",
-                    "curvlt", "tune", str(SPACES / "tiny.yaml"), "--set", f"checkpoint.storage_path={tmp_path / 'runs'}",
-                    cwd=tmp_path, env=auth)
+                    "curvlt", "tune", str(SPACES / "tiny.yaml"),
+                    "--set", f"checkpoint.storage_path={tmp_path / 'runs'}", cwd=tmp_path, env=auth)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert auth["RAY_AUTH_TOKEN"] not in result.stdout + result.stderr
     assert "submitted job" in result.stdout and "SUCCEEDED" in result.stdout

@@ -65,7 +65,8 @@ def _image_list_bundle(config: DatasetConfig, name: str) -> DataBundle:
     test_tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalize])
     train_entries, test_entries = read_split(root / train_file), read_split(root / test_file)
     labels = np.array([label for _, label in train_entries], dtype=np.int64)
-    return DataBundle(train=ImageList(root, train_entries, train_tf), train_plain=ImageList(root, train_entries, test_tf),
+    return DataBundle(train=ImageList(root, train_entries, train_tf),
+                      train_plain=ImageList(root, train_entries, test_tf),
                       test=ImageList(root, test_entries, test_tf), train_labels=labels, num_classes=num_classes,
                       input_shape=(3, 224, 224))
 
