@@ -24,13 +24,16 @@ EPOCH_METRICS = ("train/loss", "train/base_loss", "train/cr_loss", "train/lr", "
 #: Geometry measure -> column of curvature.class_geometry; "curvature" is the dimensionless angle
 #: curvature a_c that CR acts on (scale-free, so comparable across classes and epochs).
 MEASURES = {"curvature": "mean_angle", "separation": "separation", "volume": "volume"}
-#: The metrics of geometry epochs only (``eval.geometry_every``; every epoch when it is 1), of the
-#: train features (``geometry/``) and the test features (``geometry_test/``):
+#: Correlation metric name suffix -> its coefficient: Pearson's, and Spearman's rank correlation.
+CORRELATIONS = {"": stats.pearsonr, "_spearman": stats.spearmanr}
+#: Metric prefix of each split's features, as :func:`correlation_metrics` is given it.
+GEOMETRY_PREFIXES = {"train": "geometry", "test": "geometry_test"}
+#: The metrics of geometry epochs only (``eval.geometry_every``; every epoch when it is 1):
 #: :func:`correlation_metrics`' names. A value that is undefined at an epoch is left out of it.
-GEOMETRY_METRICS = tuple(f"{prefix}/{name}" for prefix in ("geometry", "geometry_test")
+GEOMETRY_METRICS = tuple(f"{prefix}/{name}" for prefix in GEOMETRY_PREFIXES.values()
                          for name in ("curvature_mean", "curvature_imbalance",
                                       *(f"corr_acc_{measure}{suffix}" for measure in MEASURES
-                                        for suffix in ("", "_spearman"))))
+                                        for suffix in CORRELATIONS)))
 
 
 @dataclass
@@ -88,8 +91,8 @@ def correlation_metrics(table: pd.DataFrame, accuracy: np.ndarray, prefix: str) 
         values = measured[column].to_numpy(dtype=float)
         if len(values) < 3 or np.ptp(values) == 0 or np.ptp(acc) == 0:
             continue
-        metrics[f"{prefix}/corr_acc_{name}"] = float(stats.pearsonr(acc, values).statistic)
-        metrics[f"{prefix}/corr_acc_{name}_spearman"] = float(stats.spearmanr(acc, values).statistic)
+        for suffix, correlate in CORRELATIONS.items():
+            metrics[f"{prefix}/corr_acc_{name}{suffix}"] = float(correlate(acc, values).statistic)
     return metrics
 
 

@@ -20,8 +20,8 @@ from curvature.regularizer import CurvatureRegularizer
 from orchestrator.config import ExperimentConfig, check_feature_dim, config_from_dict
 from orchestrator.data import build_dataset
 from orchestrator.data.long_tail import per_class_subsample, shot_groups
-from orchestrator.evaluation import (accuracy_metrics, class_accuracy, correlation_metrics, geometry_table, predict,
-                                     split_geometry)
+from orchestrator.evaluation import (GEOMETRY_PREFIXES, accuracy_metrics, class_accuracy, correlation_metrics,
+                                     geometry_table, predict, split_geometry)
 from orchestrator.losses import create_loss
 from orchestrator.models import create_model
 from orchestrator.schedule import learning_rate
@@ -153,8 +153,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 train = predict(classifier, geometry_loader, device)
                 table = geometry_table(train, test, per_class, data.class_counts, config.eval.geometry_k,
                                        config.eval.geometry_tangent_dim, data.true_curvature, progress_every)
-                metrics.update(correlation_metrics(split_geometry(table, "train"), per_class, "geometry"))
-                metrics.update(correlation_metrics(split_geometry(table, "test"), per_class, "geometry_test"))
+                for split, prefix in GEOMETRY_PREFIXES.items():
+                    metrics.update(correlation_metrics(split_geometry(table, split), per_class, prefix))
             seconds["eval"] += time.perf_counter() - clock
             clock = time.perf_counter()
             if measure_geometry:
