@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
-
-from curvature import class_geometry
-from curvature.rotation import TangentDim
 from orchestrator.errors import UserError, make_folder
-from orchestrator.features_io import load_features
-from orchestrator.measure_example import EXAMPLE_PATH
-from orchestrator.progress import ProgressLine
+
+if TYPE_CHECKING:  # torch, pandas and the geometry engine load in run(): `curvlt --help` stays quick
+    import pandas as pd
+
+    from curvature.rotation import TangentDim
 
 #: Seconds between progress lines while a large file is measured.
 PROGRESS_EVERY_S = 10.0
@@ -57,6 +55,13 @@ def _write(table: pd.DataFrame, out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from curvature import class_geometry
+    from orchestrator.features_io import load_features
+    from orchestrator.measure_example import EXAMPLE_PATH
+    from orchestrator.progress import ProgressLine
+
     if bool(args.features) == bool(args.example):
         raise UserError("measure: give exactly one of FEATURES or --example")
     path = EXAMPLE_PATH if args.example else Path(args.features)

@@ -10,12 +10,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import ExperimentConfig, flatten
 from orchestrator.errors import UserError, make_folder
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Tag holding the stable key of a run that may be resumed (a sweep trial: "<sweep>/<trial id>").
 RUN_KEY_TAG = "curvlt.run_key"
