@@ -176,14 +176,13 @@ def _check_metric(metric: str, bases: list[ExperimentConfig]) -> None:
                     f"geometry metric{geometry} with eval.geometry_every 1; got {metric!r}")
 
 
-def swept_keys(space: SearchSpace, cli_overrides: list[str]) -> list[str]:
+def swept_keys(space: SearchSpace, bases: list[ExperimentConfig]) -> list[str]:
     """The config keys the sweep varies, which ``curvlt compare`` groups its runs by (besides the
     dataset): those of its ``param_space``, and every key on which two of its base configs for
     the same dataset differ (e.g. ``model.name``), except keys that do not change what a run
     computes (:data:`~orchestrator.config.NOT_COMPUTED`). Bases of different datasets are told
-    apart by the dataset already."""
-    bases = [flatten(trial_config(space, base, {}, cli_overrides).to_dict()) for base in space.base]
-    return list(dict.fromkeys([*space.params, *differing_keys(bases)]))
+    apart by the dataset already. ``bases``: the trial config of each base, no value sampled."""
+    return list(dict.fromkeys([*space.params, *differing_keys([flatten(base.to_dict()) for base in bases])]))
 
 
 def tune_param_space(space: SearchSpace) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def run_sweep(space: SearchSpace, cli_overrides: list[str], resume: bool) -> Swe
         check_data_and_model(config)
     max_concurrent = concurrent_trials(space, bases)
     trainable = tune.with_resources(tune.with_parameters(SweepTrial, space=space, cli_overrides=cli_overrides,
-                                                         sweep_id=sweep_id, swept=swept_keys(space, cli_overrides)),
+                                                         sweep_id=sweep_id, swept=swept_keys(space, bases)),
                                     TRIAL_DRIVER_RESOURCES)
     if resume:
         if not tune.Tuner.can_restore(str(folder)):

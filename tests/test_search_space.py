@@ -45,9 +45,13 @@ def test_swept_keys_include_what_the_bases_differ_in(tmp_path):
     other = tmp_path / "digits_k12.yaml"
     other.write_text(yaml.safe_dump(data))
     space = load_space(write(tmp_path, f"base: [digits_lt, {other}]\nparam_space:\n  cr.weight: {{grid: [0, 0.5]}}\n"))
-    assert swept_keys(space, []) == ["cr.weight", "cr.k"]
-    assert swept_keys(load_space("fashion_mnist_lt_weights"), []) == ["cr.weight", "seed"]
-    assert swept_keys(load_space("quickstart"), []) == ["cr.weight", "seed"]  # two datasets: nothing added
+    assert _swept(space) == ["cr.weight", "cr.k"]
+    assert _swept(load_space("fashion_mnist_lt_weights")) == ["cr.weight", "seed"]
+    assert _swept(load_space("quickstart")) == ["cr.weight", "seed"]  # two datasets: nothing added
+
+
+def _swept(space: SearchSpace) -> list[str]:
+    return swept_keys(space, [trial_config(space, base, {}, []) for base in space.base])
 
 
 def write(tmp_path, text: str) -> str:
