@@ -16,5 +16,7 @@ def make_folder(folder: Path, what: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        reason = "a file is in the way" if isinstance(exc, FileExistsError) else exc.strerror or exc
+        # A file at the folder itself (FileExistsError) or at one of its parents (NotADirectoryError).
+        in_the_way = isinstance(exc, (FileExistsError, NotADirectoryError))
+        reason = "a file is in the way" if in_the_way else exc.strerror or exc
         raise UserError(f"{what} ({reason})") from None

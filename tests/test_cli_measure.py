@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from curvature import manifolds
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, make_folder
 from orchestrator.features_io import load_features
 
 CURVLT = shutil.which("curvlt") or str(Path(sys.executable).with_name("curvlt"))
@@ -92,6 +92,14 @@ def test_missing_file_and_bad_options(tmp_path, feature_file):
         "(a file is in the way)"
     assert "k: must be a positive integer" in run("measure", str(feature_file), "--k", "0").stderr
     assert "fewer than k + 1 = 5001 points" in run("measure", str(feature_file), "--k", "5000").stdout
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_a_file_where_a_folder_should_be_is_named(tmp_path, below):
+    """At the folder itself or at one of its parents (there mkdir says "Not a directory")."""
+    (tmp_path / "a-file").touch()
+    with pytest.raises(UserError, match=r"^--out: cannot make it \(a file is in the way\)$"):
+        make_folder(tmp_path / "a-file" / below, "--out: cannot make it")
 
 
 def test_the_command_line_starts_without_torch_pandas_ray_mlflow_or_scipy():
