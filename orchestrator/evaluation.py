@@ -9,10 +9,13 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from curvature import class_geometry
 from curvature.rotation import TangentDim
+from orchestrator.config import ExperimentConfig
+from orchestrator.data import DataBundle
+from orchestrator.data.long_tail import per_class_subsample
 from orchestrator.progress import ProgressLine
 
 SHOT_NAMES = ("many", "medium", "few")
@@ -34,6 +37,19 @@ GEOMETRY_METRICS = tuple(f"{prefix}/{name}" for prefix in GEOMETRY_PREFIXES.valu
                          for name in ("curvature_mean", "curvature_imbalance",
                                       *(f"corr_acc_{measure}{suffix}" for measure in MEASURES
                                         for suffix in CORRELATIONS)))
+
+
+#: Images per forward pass when evaluating (no gradients: larger than a training batch).
+EVAL_BATCH = 512
+
+
+def evaluation_loaders(data: DataBundle, config: ExperimentConfig) -> tuple[DataLoader, DataLoader]:
+    """The test set, and the training images whose features geometry epochs measure: at most
+    ``eval.geometry_max_points`` per class, the same ones at every epoch (drawn with the run's seed),
+    without augmentation. ``curvlt measure --checkpoint`` measures the same images."""
+    subsample = per_class_subsample(data.train_labels, config.eval.geometry_max_points, config.seed)
+    return (DataLoader(data.test, batch_size=EVAL_BATCH),
+            DataLoader(Subset(data.train_plain, subsample.tolist()), batch_size=EVAL_BATCH))
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""``curvlt measure FEATURES`` — the per-class geometry table of a feature file (SPEC §9)."""
+"""``curvlt measure FEATURES | --example | --checkpoint FOLDER`` — the per-class geometry table of a
+feature file, of the bundled example, or of a trained run's model (SPEC §9)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,35 @@ from orchestrator.errors import UserError, make_folder
 
 if TYPE_CHECKING:  # torch, pandas and the geometry engine load in run(): `curvlt --help` stays quick
     import pandas as pd
+    import torch
 
     from curvature.rotation import TangentDim
 
 #: Seconds between progress lines while a large file is measured.
 PROGRESS_EVERY_S = 10.0
+#: Neighbours per point and tangent dimension for a feature file (a checkpoint: its run's own).
+DEFAULT_K, DEFAULT_TANGENT_DIM = 10, "auto"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("measure", help="measure per-class manifold geometry of a feature file",
-                                   description="Per-class count, volume, separation and curvature (SPEC §3).")
+    parser = subparsers.add_parser("measure", help="measure per-class manifold geometry of a feature file or of a "
+                                   "trained run's model", description="Per-class count, volume, separation and "
+                                   "curvature (SPEC §3).")
     parser.add_argument("features", nargs="?", help=".npz or .pt file with 'features' (n x p) and 'labels' (n)")
     parser.add_argument("--example", action="store_true",
                         help="measure the bundled example (spheres of known radius, one per class)")
-    parser.add_argument("--k", type=int, default=10, help="neighbours per point (default 10)")
-    parser.add_argument("--tangent-dim", default="auto", help="tangent dimension: 'auto' or an integer")
+    parser.add_argument("--checkpoint", metavar="FOLDER",
+                        help="measure the features a curvlt run's model gives on its own data: a checkpoint folder "
+                             "(the 'checkpoint:' line curvlt train ends with; MLflow tag curvlt.checkpoint)")
+    parser.add_argument("--split",
+                        help="with --checkpoint: 'train' (default: the training images its geometry epochs measure, "
+                             "eval.geometry_max_points per class) or 'test'")
+    parser.add_argument("--save-features", metavar="FILE.npz",
+                        help="with --checkpoint: also save the features and labels, as a file curvlt measure reads")
+    parser.add_argument("--k", type=int, help=f"neighbours per point (default {DEFAULT_K}; with --checkpoint, its "
+                                              "run's eval.geometry_k)")
+    parser.add_argument("--tangent-dim", help=f"tangent dimension: 'auto' or an integer (default {DEFAULT_TANGENT_DIM}; "
+                                              "with --checkpoint, its run's eval.geometry_tangent_dim)")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "faiss"], help="kNN backend")
     parser.add_argument("--out", help="also write the table to this .csv or .json file")
     parser.set_defaults(run=run)
@@ -39,12 +54,12 @@ def _tangent_dim(text: str) -> TangentDim:
         raise UserError(f"--tangent-dim: must be 'auto' or an integer, got {text!r}") from None
 
 
-def _prepare_out(out: Path) -> None:
-    """Before anything is measured (a large file takes minutes): a file type the table can be
+def _prepare_output(option: str, path: Path, suffixes: tuple[str, ...]) -> None:
+    """Before anything is computed (a large file or model takes minutes): a file type it can be
     written as, and its folder, made if missing."""
-    if out.suffix not in (".csv", ".json"):
-        raise UserError(f"--out: unsupported extension {out.suffix!r}; use .csv or .json")
-    make_folder(out.parent, f"--out {out}: cannot make its folder {out.parent}")
+    if path.suffix not in suffixes:
+        raise UserError(f"{option}: unsupported extension {path.suffix!r}; use {' or '.join(suffixes)}")
+    make_folder(path.parent, f"{option} {path}: cannot make its folder {path.parent}")
 
 
 def _write(table: pd.DataFrame, out: Path) -> None:
@@ -54,30 +69,83 @@ def _write(table: pd.DataFrame, out: Path) -> None:
         table.to_json(out, orient="records", indent=2)
 
 
-def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
+def _class_geometry(features: torch.Tensor, labels: torch.Tensor, k: int, tangent_dim: TangentDim, backend: str,
+                    what: str) -> pd.DataFrame:
     from curvature import class_geometry
-    from orchestrator.features_io import load_features
-    from orchestrator.measure_example import EXAMPLE_PATH
     from orchestrator.progress import ProgressLine
 
-    if bool(args.features) == bool(args.example):
-        raise UserError("measure: give exactly one of FEATURES or --example")
-    path = EXAMPLE_PATH if args.example else Path(args.features)
-    if args.out:
-        _prepare_out(Path(args.out))
-    features, labels = load_features(path)
     try:
-        table = class_geometry(features, labels, k=args.k, tangent_dim=_tangent_dim(args.tangent_dim),
-                               backend=args.backend, progress=ProgressLine(f"measuring {path.name}", PROGRESS_EVERY_S))
+        return class_geometry(features, labels, k=k, tangent_dim=tangent_dim, backend=backend,
+                              progress=ProgressLine(f"measuring {what}", PROGRESS_EVERY_S))
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+
+
+def _measure_file(args: argparse.Namespace) -> tuple[str, pd.DataFrame, list[str]]:
+    """A feature file, or the bundled example with each class's true curvature beside."""
+    import numpy as np
+
+    from orchestrator.features_io import load_features
+    from orchestrator.measure_example import EXAMPLE_PATH
+
+    path = EXAMPLE_PATH if args.example else Path(args.features)
+    features, labels = load_features(path)
+    k = DEFAULT_K if args.k is None else args.k
+    table = _class_geometry(features, labels, k, _tangent_dim(args.tangent_dim or DEFAULT_TANGENT_DIM), args.backend,
+                            path.name)
     if args.example:
         with np.load(path) as archive:
             table["true_kappa"] = 1.0 / archive["radius"][table["label"].to_numpy()]
-    print(f"{path}: {features.shape[0]} points, {features.shape[1]} dims, {table.shape[0]} classes, k={args.k}")
+    heading = f"{path}: {features.shape[0]} points, {features.shape[1]} dims, {table.shape[0]} classes, k={k}"
+    return heading, table, []
+
+
+def _measure_checkpoint(args: argparse.Namespace) -> tuple[str, pd.DataFrame, list[str]]:
+    """A run's model on its own data: the table with each class's test accuracy, and the metrics
+    its geometry epochs log (``geometry/`` for the training split, ``geometry_test/`` for the test
+    split; equal to the logged ones when measured as the run measured them)."""
+    import numpy as np
+
+    from orchestrator.checkpoint_features import checkpoint_features
+    from orchestrator.evaluation import GEOMETRY_PREFIXES, correlation_metrics
+
+    folder, split = Path(args.checkpoint), args.split or "train"
+    run = checkpoint_features(folder, split)
+    features, labels = run.features.features, run.features.labels
+    if args.save_features:  # before measuring, which may take long
+        np.savez(args.save_features, features=features.numpy(), labels=labels.numpy())
+    k = run.config.eval.geometry_k if args.k is None else args.k
+    tangent_dim = run.config.eval.geometry_tangent_dim if args.tangent_dim is None else _tangent_dim(args.tangent_dim)
+    table = _class_geometry(features, labels, k, tangent_dim, args.backend, f"{split} features")
+    present = table["label"].to_numpy()
+    table.insert(2, "test_accuracy", run.test_accuracy[present])
+    if run.true_curvature is not None:
+        table["true_curvature"] = run.true_curvature[present]
+    metrics = correlation_metrics(table, run.test_accuracy, GEOMETRY_PREFIXES[split])
+    config = run.config
+    heading = (f"{folder}: {config.dataset.name}, {config.model.name}, after epoch {run.epoch}/{config.train.epochs}; "
+               f"{split} features: {features.shape[0]} points, {features.shape[1]} dims, {table.shape[0]} "
+               f"classes, k={k}, tangent dim {tangent_dim}")
+    return heading, table, [f"  {name:40s} {value:.4f}" for name, value in metrics.items()]
+
+
+def run(args: argparse.Namespace) -> int:
+    if sum([bool(args.features), args.example, bool(args.checkpoint)]) != 1:
+        raise UserError("measure: give exactly one of FEATURES, --example or --checkpoint")
+    for option, given in (("--split", args.split), ("--save-features", args.save_features)):
+        if given and not args.checkpoint:
+            raise UserError(f"{option}: only with --checkpoint")
+    if args.out:
+        _prepare_output("--out", Path(args.out), (".csv", ".json"))
+    if args.save_features:
+        _prepare_output("--save-features", Path(args.save_features), (".npz",))
+    heading, table, metrics = _measure_checkpoint(args) if args.checkpoint else _measure_file(args)
+    print(heading)
     print(table.to_string(index=False, float_format=lambda value: f"{value:.4g}"))
+    for line in metrics:
+        print(line)
+    if args.save_features:
+        print(f"wrote {args.save_features}")
     if args.out:
         _write(table, Path(args.out))
         print(f"wrote {args.out}")

@@ -14,20 +14,19 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from curvature.regularizer import CurvatureRegularizer
 from orchestrator.config import ExperimentConfig, check_feature_dim, config_from_dict
 from orchestrator.data import build_dataset
-from orchestrator.data.long_tail import per_class_subsample, shot_groups
+from orchestrator.checkpoint_features import CHECKPOINT_FILE, load_state
+from orchestrator.data.long_tail import shot_groups
 from orchestrator.evaluation import (GEOMETRY_PREFIXES, accuracy_metrics, class_accuracy, correlation_metrics,
-                                     geometry_table, predict, split_geometry)
+                                     evaluation_loaders, geometry_table, predict, split_geometry)
 from orchestrator.losses import create_loss
 from orchestrator.models import create_model
 from orchestrator.schedule import learning_rate
 from orchestrator.tracking import RunLogger
-
-CHECKPOINT_FILE = "state.pt"
 
 
 def is_geometry_epoch(config: ExperimentConfig, epoch: int) -> bool:
@@ -82,16 +81,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                                                      seed=config.seed)
     train_loader = ray.train.torch.prepare_data_loader(
         DataLoader(data.train, batch_size=per_worker_batch, sampler=sampler), add_dist_sampler=False)
-    test_loader = DataLoader(data.test, batch_size=512)
-    geometry_loader = DataLoader(Subset(data.train_plain, per_class_subsample(
-        data.train_labels, config.eval.geometry_max_points, config.seed).tolist()), batch_size=512)
+    test_loader, geometry_loader = evaluation_loaders(data, config)
     use_amp = config.train.amp and device.type == "cuda"
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+            state = load_state(Path(folder), device)
         classifier.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         cr.load_state_dict(state["cr"])

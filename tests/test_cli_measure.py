@@ -14,8 +14,11 @@ import pytest
 import torch
 
 from curvature import manifolds
+from orchestrator.checkpoint_features import CHECKPOINT_FILE, checkpoint_features
+from orchestrator.config import load_config
 from orchestrator.errors import UserError, make_folder
 from orchestrator.features_io import load_features
+from orchestrator.models import create_model
 
 CURVLT = shutil.which("curvlt") or str(Path(sys.executable).with_name("curvlt"))
 
@@ -92,6 +95,59 @@ def test_missing_file_and_bad_options(tmp_path, feature_file):
         "(a file is in the way)"
     assert "k: must be a positive integer" in run("measure", str(feature_file), "--k", "0").stderr
     assert "fewer than k + 1 = 5001 points" in run("measure", str(feature_file), "--k", "5000").stdout
+
+
+@pytest.fixture
+def digits_checkpoint(tmp_path) -> Path:
+    """A checkpoint folder as ``curvlt train`` writes one, of an untrained digits model (no Ray)."""
+    config = load_config("digits_lt", ["eval.geometry_max_points=40"])
+    torch.manual_seed(0)
+    model = create_model(config.model.name, (1, 8, 8), 10)
+    folder = tmp_path / "checkpoint_000"
+    folder.mkdir()
+    torch.save({"epoch": 0, "model": model.state_dict(), "config": config.to_dict()}, folder / CHECKPOINT_FILE)
+    return folder
+
+
+def test_checkpoint_features_are_the_runs_subsample_or_test_set(digits_checkpoint):
+    train = checkpoint_features(digits_checkpoint, "train")
+    assert train.epoch == 1 and train.config.eval.geometry_max_points == 40
+    assert np.bincount(train.features.labels.numpy()).max() == 40  # at most 40 training images per class
+    test = checkpoint_features(digits_checkpoint, "test")
+    assert np.bincount(test.features.labels.numpy()).tolist() == [50] * 10  # digits' balanced test set
+    assert test.features.features.shape[1] == train.features.features.shape[1]
+    correct = (test.features.predicted == test.features.labels).numpy()
+    assert np.allclose(test.test_accuracy, [correct[test.features.labels.numpy() == c].mean() for c in range(10)])
+    assert np.array_equal(train.test_accuracy, test.test_accuracy)
+
+
+def test_measure_a_checkpoint_and_save_its_features(digits_checkpoint, tmp_path):
+    saved = tmp_path / "out" / "test-features.npz"
+    result = run("measure", "--checkpoint", str(digits_checkpoint), "--split", "test", "--k", "8",
+                 "--save-features", str(saved))
+    assert result.returncode == 0, result.stderr
+    assert "digits_lt, mlp, after epoch 1/" in result.stdout and "test features: 500 points" in result.stdout
+    assert "test_accuracy" in result.stdout and "geometry_test/curvature_mean" in result.stdout
+    again = run("measure", str(saved), "--k", "8")  # the saved features, measured as a file: the same table
+    assert again.returncode == 0, again.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[2:12]]
+    assert [row[:2] + row[3:] for row in rows] == [line.split() for line in again.stdout.splitlines()[2:12]]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--checkpoint", "nowhere"], "--checkpoint nowhere: no such folder"),
+    (["--checkpoint", "."], "--checkpoint .: not a checkpoint of a curvlt run (no state.pt in it)"),
+    (["--example", "--split", "test"], "--split: only with --checkpoint"),
+    (["--example", "--save-features", "f.npz"], "--save-features: only with --checkpoint"),
+    (["--checkpoint", "CK", "--save-features", "f.csv"], "--save-features: unsupported extension '.csv'; use .npz"),
+    (["--checkpoint", "CK", "--split", "val"], "--split: must be one of train, test, got 'val'"),
+    (["--checkpoint", "CK", "--example"], "measure: give exactly one of FEATURES, --example or --checkpoint"),
+])
+def test_checkpoint_options_fail_with_one_line(digits_checkpoint, tmp_path, args, message):
+    args = [str(digits_checkpoint) if arg == "CK" else arg for arg in args]
+    result = subprocess.run([CURVLT, "measure", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(f"curvlt: error: {message}"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
 
 
 @pytest.mark.parametrize("below", ["", "sub"])

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
@@ -61,6 +63,29 @@ def test_two_worker_digits_run_logs_everything(mlflow_server, tmp_path):
     assert {"geometry/epoch_000.csv", "geometry/epoch_001.csv", "geometry/epoch_002.csv",
             "plots/accuracy_vs_curvature.png", "plots/correlations_over_epochs.png"} <= set(paths)
     assert Path(run.data.tags["curvlt.checkpoint"]).is_dir()
+    _measure_checkpoint_again(client, run, tmp_path)
+
+
+def _measure_checkpoint_again(client: MlflowClient, run, tmp_path: Path) -> None:
+    """``curvlt measure --checkpoint`` rebuilds the run's data and model (no Ray) and measures what
+    its last geometry epoch measured: the same per-class table and metrics as logged."""
+    table, features = tmp_path / "again.csv", tmp_path / "features.npz"
+    result = curvlt("measure", "--checkpoint", run.data.tags["curvlt.checkpoint"], "--out", str(table),
+                    "--save-features", str(features), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "after epoch 3/3; train features" in result.stdout
+    logged = pd.read_csv(client.download_artifacts(run.info.run_id, "geometry/epoch_002.csv", str(tmp_path)))
+    again = pd.read_csv(table)
+    assert again["label"].tolist() == logged["label"].tolist() and (again["count"] == logged["train_count"]).all()
+    assert np.allclose(again["test_accuracy"], logged["accuracy"])
+    for column in ("volume", "separation", "mean_angle", "mean_kappa", "tangent_dim"):
+        assert np.allclose(again[column], logged[f"train_{column}"], rtol=1e-4, atol=1e-6), column
+    printed = dict(line.split() for line in result.stdout.splitlines() if line.startswith("  geometry/"))
+    assert set(printed) == {name for name in run.data.metrics if name.startswith("geometry/")}
+    for name, value in printed.items():
+        assert float(value) == pytest.approx(run.data.metrics[name], rel=1e-3, abs=1e-4), name
+    with np.load(features) as saved:  # what was measured, as a file `curvlt measure` reads
+        assert saved["features"].shape[0] == again["count"].sum() and saved["labels"].shape == saved["features"].shape[:1]
 
 
 def test_stopped_run_continues_with_resume_from_another_directory(tmp_path):

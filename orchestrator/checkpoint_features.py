@@ -1,0 +1,71 @@
+"""A training checkpoint read back outside Ray Train: its state (what ``curvlt train`` resumes
+from) and its model's features (what ``curvlt measure --checkpoint`` measures). So a trained
+model's class manifolds can be measured again, at another k or tangent dimension, or saved for a
+researcher's own analysis, with the run's own data, model and geometry subsample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from orchestrator.config import ExperimentConfig, config_from_dict
+from orchestrator.data import build_dataset
+from orchestrator.errors import UserError
+from orchestrator.evaluation import Predictions, class_accuracy, evaluation_loaders, predict
+from orchestrator.models import create_model
+
+#: The file in each Ray Train checkpoint folder of a curvlt run: epoch, model, optimizer, CR
+#: queues and the run's config (:func:`orchestrator.train_loop.train_loop_per_worker` writes it).
+CHECKPOINT_FILE = "state.pt"
+#: Which features ``curvlt measure --checkpoint`` measures: the geometry epochs' training
+#: subsample (the metrics under ``geometry/``), or the test set (``geometry_test/``).
+SPLITS = ("train", "test")
+
+
+def load_state(folder: Path, device: torch.device | str = "cpu") -> dict:
+    """The state saved in a checkpoint folder. Tensors, numbers and strings only, so it loads
+    with ``weights_only``: a checkpoint folder cannot run code when it is read."""
+    return torch.load(folder / CHECKPOINT_FILE, map_location=device, weights_only=True)
+
+
+@dataclass
+class CheckpointFeatures:
+    config: ExperimentConfig  # the run's, as saved in the checkpoint
+    epoch: int  # epochs trained (1-based: the checkpoint of epoch 20 of 20 says 20)
+    features: Predictions  # of the chosen split
+    test_accuracy: np.ndarray  # per class, on the balanced test set: the run's class accuracy
+    true_curvature: np.ndarray | None  # per class, where the dataset knows it (synthetic manifolds)
+
+
+def checkpoint_features(folder: Path, split: str) -> CheckpointFeatures:
+    """Rebuild the run's dataset and model from the config in the checkpoint, load its weights,
+    and compute the features of ``split`` (one of :data:`SPLITS`) and the per-class test accuracy,
+    as the run's geometry epochs do (on a GPU when there is one)."""
+    if split not in SPLITS:
+        raise UserError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
+    if not folder.is_dir():
+        raise UserError(f"--checkpoint {folder}: no such folder (give a local checkpoint folder: the 'checkpoint:' "
+                        f"line curvlt train ends with, or the run's MLflow tag curvlt.checkpoint)")
+    if not (folder / CHECKPOINT_FILE).is_file():
+        raise UserError(f"--checkpoint {folder}: not a checkpoint of a curvlt run (no {CHECKPOINT_FILE} in it)")
+    try:
+        state = load_state(folder)
+    except Exception as exc:  # torch raises several unrelated types for a corrupt file
+        raise UserError(f"--checkpoint {folder}: cannot read {CHECKPOINT_FILE} ({str(exc).splitlines()[0]})") from exc
+    try:
+        config = config_from_dict(state["config"])
+    except UserError as exc:  # a run of a curvlt whose config keys differ
+        raise UserError(f"--checkpoint {folder}: its run's config: {exc}") from None
+    data = build_dataset(config.dataset, config.seed)
+    model = create_model(config.model.name, data.input_shape, data.num_classes)
+    model.load_state_dict(state["model"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    test_loader, geometry_loader = evaluation_loaders(data, config)
+    test = predict(model, test_loader, device)
+    features = predict(model, geometry_loader, device) if split == "train" else test
+    return CheckpointFeatures(config, int(state["epoch"]) + 1, features, class_accuracy(test, data.num_classes),
+                              data.true_curvature)
