@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from curvature.regularizer import CurvatureRegularizer
+from orchestrator.checkpoint_features import CHECKPOINT_FILE, load_state
 from orchestrator.config import ExperimentConfig, check_feature_dim, config_from_dict
 from orchestrator.data import build_dataset
-from orchestrator.checkpoint_features import CHECKPOINT_FILE, load_state
 from orchestrator.data.long_tail import shot_groups
 from orchestrator.evaluation import (GEOMETRY_PREFIXES, accuracy_metrics, class_accuracy, correlation_metrics,
                                      evaluation_loaders, geometry_table, predict, split_geometry)
