@@ -50,7 +50,9 @@ def checkpoint_features(folder: Path, split: str) -> CheckpointFeatures:
         raise UserError(f"--checkpoint {folder}: no such folder (give a local checkpoint folder: the 'checkpoint:' "
                         f"line curvlt train ends with, or the run's MLflow tag curvlt.checkpoint)")
     if not (folder / CHECKPOINT_FILE).is_file():
-        raise UserError(f"--checkpoint {folder}: not a checkpoint of a curvlt run (no {CHECKPOINT_FILE} in it)")
+        inside = sorted(path.parent.name for path in folder.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))  # a run's folder
+        hint = f"; give one of its checkpoint folders (oldest first): {', '.join(inside)}" if inside else ""
+        raise UserError(f"--checkpoint {folder}: not a checkpoint of a curvlt run (no {CHECKPOINT_FILE} in it){hint}")
     try:
         state = load_state(folder)
     except Exception as exc:  # torch raises several unrelated types for a corrupt file

@@ -103,8 +103,8 @@ def digits_checkpoint(tmp_path) -> Path:
     config = load_config("digits_lt", ["eval.geometry_max_points=40"])
     torch.manual_seed(0)
     model = create_model(config.model.name, (1, 8, 8), 10)
-    folder = tmp_path / "checkpoint_000"
-    folder.mkdir()
+    folder = tmp_path / "curvlt-run" / "checkpoint_000"
+    folder.mkdir(parents=True)
     torch.save({"epoch": 0, "model": model.state_dict(), "config": config.to_dict()}, folder / CHECKPOINT_FILE)
     return folder
 
@@ -136,7 +136,9 @@ def test_measure_a_checkpoint_and_save_its_features(digits_checkpoint, tmp_path)
 
 @pytest.mark.parametrize("args,message", [
     (["--checkpoint", "nowhere"], "--checkpoint nowhere: no such folder"),
-    (["--checkpoint", "."], "--checkpoint .: not a checkpoint of a curvlt run (no state.pt in it)"),
+    (["--checkpoint", "."], "--checkpoint .: not a checkpoint of a curvlt run (no state.pt in it)\n"),
+    (["--checkpoint", "RUN"], "--checkpoint RUN: not a checkpoint of a curvlt run (no state.pt in it); give one of "
+                              "its checkpoint folders (oldest first): checkpoint_000\n"),
     (["--example", "--split", "test"], "--split: only with --checkpoint"),
     (["--example", "--save-features", "f.npz"], "--save-features: only with --checkpoint"),
     (["--checkpoint", "CK", "--save-features", "f.csv"], "--save-features: unsupported extension '.csv'; use .npz"),
@@ -144,7 +146,8 @@ def test_measure_a_checkpoint_and_save_its_features(digits_checkpoint, tmp_path)
     (["--checkpoint", "CK", "--example"], "measure: give exactly one of FEATURES, --example or --checkpoint"),
 ])
 def test_checkpoint_options_fail_with_one_line(digits_checkpoint, tmp_path, args, message):
-    args = [str(digits_checkpoint) if arg == "CK" else arg for arg in args]
+    named = {"CK": str(digits_checkpoint), "RUN": str(digits_checkpoint.parent)}
+    args, message = [named.get(arg, arg) for arg in args], message.replace("RUN", named["RUN"])
     result = subprocess.run([CURVLT, "measure", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith(f"curvlt: error: {message}"), result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
