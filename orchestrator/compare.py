@@ -1,6 +1,6 @@
 """Comparison across runs (SPEC §8): runs grouped by (dataset, loss, CR weight) by default, and a
-sweep's also by every other key it varies; mean ± std over seeds, shot groups, mean curvature and
-curvature imbalance, and the gain over the same group without CR; as a table, CSV or JSON, and as
+sweep's also by every other key it varies; mean ± std over seeds, shot groups, mean curvature,
+curvature imbalance and the accuracy-curvature correlation, and the gain over the same group without CR; as a table, CSV or JSON, and as
 plots logged to MLflow."""
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ DEFAULT_GROUP_BY = ["dataset.name", "loss.name", "cr.weight"]
 COLUMN_NAMES = {"dataset.name": "dataset", "loss.name": "loss", "cr.weight": "cr_weight"}
 FINAL_METRICS = {"acc": "test/acc", "acc_many": "test/acc_many", "acc_medium": "test/acc_medium",
                  "acc_few": "test/acc_few", "curvature": "geometry/curvature_mean",
-                 "curvature_imbalance": "geometry/curvature_imbalance"}
+                 "curvature_imbalance": "geometry/curvature_imbalance",
+                 "corr_acc_curvature": "geometry/corr_acc_curvature"}
 COMPARE_KEY = "compare"
 #: Experiment names an error about a missing experiment lists before "and N more".
 SHOWN_NAMES = 10
@@ -83,8 +84,10 @@ def _numbers_where_possible(column: pd.Series) -> pd.Series:
 
 def compare_runs(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
     """One row per group of ``frame``'s runs: their count, mean and std of top-1, shot groups, mean
-    curvature and curvature imbalance, and the gain in top-1 over the group that differs only in
-    having ``cr.weight`` 0 (NaN where the runs have none)."""
+    curvature, curvature imbalance and Pearson correlation of class accuracy with curvature (the
+    paper's finding: negative where the more curved classes are the less accurate), and the gain
+    in top-1 over the group that differs only in having ``cr.weight`` 0 (NaN where the runs have
+    none)."""
     missing = [key for key in group_by if key not in frame]
     if missing:
         raise UserError(f"--group-by: {missing[0]!r} is not a logged param; try one of "
@@ -94,7 +97,8 @@ def compare_runs(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
     table = grouped.agg(n_runs=("run_id", "count"), acc_mean=("acc", "mean"), acc_std=("acc", "std"),
                         acc_many_mean=("acc_many", "mean"), acc_medium_mean=("acc_medium", "mean"),
                         acc_few_mean=("acc_few", "mean"), curvature_mean=("curvature", "mean"),
-                        curvature_imbalance_mean=("curvature_imbalance", "mean")).reset_index()
+                        curvature_imbalance_mean=("curvature_imbalance", "mean"),
+                        corr_acc_curvature_mean=("corr_acc_curvature", "mean")).reset_index()
     table["acc_std"] = table["acc_std"].fillna(0.0)
     table["delta_acc_vs_no_cr"] = np.nan
     if "cr.weight" in group_by:

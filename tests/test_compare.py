@@ -15,7 +15,8 @@ def runs(rows: list[tuple[str, str, str, float]]) -> pd.DataFrame:
     """Runs as ``runs_frame`` gives them: params as MLflow's strings, metrics as numbers."""
     return pd.DataFrame([{"run_id": str(i), "swept": "cr.balance_weight,seed", "dataset.name": "d", "loss.name": "ce",
                           "cr.weight": weight, "cr.balance_weight": beta, "seed": seed, "acc": acc, "acc_many": acc,
-                          "acc_medium": acc, "acc_few": acc, "curvature": 1.0, "curvature_imbalance": 0.1}
+                          "acc_medium": acc, "acc_few": acc, "curvature": 1.0, "curvature_imbalance": 0.1,
+                          "corr_acc_curvature": acc - 1.0}
                          for i, (weight, beta, seed, acc) in enumerate(rows)])
 
 
@@ -47,6 +48,7 @@ def test_the_gain_is_over_the_group_that_differs_only_in_having_no_cr():
     table = compare_runs(frame, [*DEFAULT_GROUP_BY, "cr.balance_weight"]).set_index(["cr_weight", "cr.balance_weight"])
     assert table.loc[(0.0, 1.0), "n_runs"] == 2 and table.loc[(0.0, 1.0), "delta_acc_vs_no_cr"] == pytest.approx(0.0)
     assert table.loc[(0.5, 1.0), "delta_acc_vs_no_cr"] == pytest.approx(0.04)
+    assert table.loc[(0.0, 1.0), "corr_acc_curvature_mean"] == pytest.approx(-0.19)  # mean of -0.20 and -0.18
     assert table.loc[(0.5, 4.0), "delta_acc_vs_no_cr"] == pytest.approx(0.06)
     assert np.isnan(table.loc[(0.5, 10.0), "delta_acc_vs_no_cr"])  # no run without CR at this balance weight
     assert table.loc[0.5].index.tolist() == [1.0, 4.0, 10.0]  # params compared as numbers: 4 sorts before 10

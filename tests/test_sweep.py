@@ -25,7 +25,8 @@ from orchestrator.errors import UserError
 CURVLT = shutil.which("curvlt") or str(Path(sys.executable).with_name("curvlt"))
 SPACES = Path(__file__).parent / "spaces"
 GROUP_KEYS = {"dataset", "loss", "cr_weight", "n_runs", "acc_mean", "acc_std", "acc_many_mean", "acc_medium_mean",
-              "acc_few_mean", "curvature_mean", "curvature_imbalance_mean", "delta_acc_vs_no_cr"}
+              "acc_few_mean", "curvature_mean", "curvature_imbalance_mean", "corr_acc_curvature_mean",
+              "delta_acc_vs_no_cr"}
 
 
 def curvlt(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
