@@ -51,6 +51,7 @@ def test_two_worker_digits_run_logs_everything(mlflow_server, tmp_path):
                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "epoch 3/3" in result.stdout + result.stderr and "test/acc" in result.stdout
+    assert "curvlt measure --checkpoint " in result.stdout  # the summary says how to measure the model again
     client, run = only_run(mlflow_server, "two-workers")
     assert run.info.status == "FINISHED"
     for key in EXPECTED_METRICS:
