@@ -38,8 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="with --checkpoint: also save the features and labels, as a file curvlt measure reads")
     parser.add_argument("--k", type=int, help=f"neighbours per point (default {DEFAULT_K}; with --checkpoint, its "
                                               "run's eval.geometry_k)")
-    parser.add_argument("--tangent-dim", help=f"tangent dimension: 'auto' or an integer (default {DEFAULT_TANGENT_DIM}; "
-                                              "with --checkpoint, its run's eval.geometry_tangent_dim)")
+    parser.add_argument("--tangent-dim", help="tangent dimension: 'auto' or an integer (default "
+                                              f"{DEFAULT_TANGENT_DIM}; with --checkpoint, its run's "
+                                              "eval.geometry_tangent_dim)")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "faiss"], help="kNN backend")
     parser.add_argument("--out", help="also write the table to this .csv or .json file")
     parser.set_defaults(run=run)

@@ -191,5 +191,6 @@ def summary_table(outcome: TrainingOutcome) -> str:
         lines.append(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     lines.append(f"  checkpoint: {outcome.checkpoint_path}")
     if outcome.checkpoint_path and Path(outcome.checkpoint_path).is_dir():  # local, not cloud storage
-        lines.append(f"  its model's class manifolds, measured again: curvlt measure --checkpoint {outcome.checkpoint_path}")
+        lines.append(f"  its model's class manifolds, measured again: "
+                     f"curvlt measure --checkpoint {outcome.checkpoint_path}")
     return "\n".join(lines)

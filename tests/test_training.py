@@ -86,7 +86,8 @@ def _measure_checkpoint_again(client: MlflowClient, run, tmp_path: Path) -> None
     for name, value in printed.items():
         assert float(value) == pytest.approx(run.data.metrics[name], rel=1e-3, abs=1e-4), name
     with np.load(features) as saved:  # what was measured, as a file `curvlt measure` reads
-        assert saved["features"].shape[0] == again["count"].sum() and saved["labels"].shape == saved["features"].shape[:1]
+        assert saved["features"].shape[0] == again["count"].sum()
+        assert saved["labels"].shape == saved["features"].shape[:1]
 
 
 def test_stopped_run_continues_with_resume_from_another_directory(tmp_path):
