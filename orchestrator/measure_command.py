@@ -82,7 +82,8 @@ def _class_geometry(features: torch.Tensor, labels: torch.Tensor, k: int, tangen
         raise UserError(str(exc)) from exc
 
 
-def _measure_file(args: argparse.Namespace) -> tuple[str, pd.DataFrame, list[str]]:
+def _measure_file(args: argparse.Namespace, k: int | None,
+                  tangent_dim: TangentDim | None) -> tuple[str, pd.DataFrame, list[str]]:
     """A feature file, or the bundled example with each class's true curvature beside."""
     import numpy as np
 
@@ -91,9 +92,9 @@ def _measure_file(args: argparse.Namespace) -> tuple[str, pd.DataFrame, list[str
 
     path = EXAMPLE_PATH if args.example else Path(args.features)
     features, labels = load_features(path)
-    k = DEFAULT_K if args.k is None else args.k
-    table = _class_geometry(features, labels, k, _tangent_dim(args.tangent_dim or DEFAULT_TANGENT_DIM), args.backend,
-                            path.name)
+    k = DEFAULT_K if k is None else k
+    tangent_dim = DEFAULT_TANGENT_DIM if tangent_dim is None else tangent_dim
+    table = _class_geometry(features, labels, k, tangent_dim, args.backend, path.name)
     if args.example:
         with np.load(path) as archive:
             table["true_kappa"] = 1.0 / archive["radius"][table["label"].to_numpy()]
@@ -101,7 +102,8 @@ def _measure_file(args: argparse.Namespace) -> tuple[str, pd.DataFrame, list[str
     return heading, table, []
 
 
-def _measure_checkpoint(args: argparse.Namespace) -> tuple[str, pd.DataFrame, list[str]]:
+def _measure_checkpoint(args: argparse.Namespace, k: int | None,
+                        tangent_dim: TangentDim | None) -> tuple[str, pd.DataFrame, list[str]]:
     """A run's model on its own data: the table with each class's test accuracy, and the metrics
     its geometry epochs log (``geometry/`` for the training split, ``geometry_test/`` for the test
     split; equal to the logged ones when measured as the run measured them)."""
@@ -115,8 +117,8 @@ def _measure_checkpoint(args: argparse.Namespace) -> tuple[str, pd.DataFrame, li
     features, labels = run.features.features, run.features.labels
     if args.save_features:  # before measuring, which may take long
         np.savez(args.save_features, features=features.numpy(), labels=labels.numpy())
-    k = run.config.eval.geometry_k if args.k is None else args.k
-    tangent_dim = run.config.eval.geometry_tangent_dim if args.tangent_dim is None else _tangent_dim(args.tangent_dim)
+    k = run.config.eval.geometry_k if k is None else k
+    tangent_dim = run.config.eval.geometry_tangent_dim if tangent_dim is None else tangent_dim
     table = _class_geometry(features, labels, k, tangent_dim, args.backend, f"{split} features")
     present = table["label"].to_numpy()
     table.insert(2, "test_accuracy", run.test_accuracy[present])
@@ -136,11 +138,16 @@ def run(args: argparse.Namespace) -> int:
     for option, given in (("--split", args.split), ("--save-features", args.save_features)):
         if given and not args.checkpoint:
             raise UserError(f"{option}: only with --checkpoint")
+    # Options checked before minutes of work; None: the default of what is measured.
+    if args.k is not None and args.k < 1:
+        raise UserError(f"--k: must be a positive integer, got {args.k}")
+    tangent_dim = None if args.tangent_dim is None else _tangent_dim(args.tangent_dim)
     if args.out:
         _prepare_output("--out", Path(args.out), (".csv", ".json"))
     if args.save_features:
         _prepare_output("--save-features", Path(args.save_features), (".npz",))
-    heading, table, metrics = _measure_checkpoint(args) if args.checkpoint else _measure_file(args)
+    measure = _measure_checkpoint if args.checkpoint else _measure_file
+    heading, table, metrics = measure(args, args.k, tangent_dim)
     print(heading)
     print(table.to_string(index=False, float_format=lambda value: f"{value:.4g}"))
     for line in metrics:

@@ -143,6 +143,8 @@ def test_measure_a_checkpoint_and_save_its_features(digits_checkpoint, tmp_path)
     (["--example", "--save-features", "f.npz"], "--save-features: only with --checkpoint"),
     (["--checkpoint", "CK", "--save-features", "f.csv"], "--save-features: unsupported extension '.csv'; use .npz"),
     (["--checkpoint", "CK", "--split", "val"], "--split: must be one of train, test, got 'val'"),
+    (["--checkpoint", "CK", "--tangent-dim", "two"], "--tangent-dim: must be 'auto' or an integer, got 'two'"),
+    (["--checkpoint", "CK", "--k", "0"], "--k: must be a positive integer, got 0"),
     (["--checkpoint", "CK", "--example"], "measure: give exactly one of FEATURES, --example or --checkpoint"),
 ])
 def test_checkpoint_options_fail_with_one_line(digits_checkpoint, tmp_path, args, message):
