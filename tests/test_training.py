@@ -149,7 +149,7 @@ def test_unreachable_tracking_server_stops_before_training(tmp_path):
                 "got unsupported URI 'foo://x'"),
     ("{tmp}/mlruns", "mlflow.tracking_uri: MLflow cannot use {tmp}/mlruns (The filesystem tracking backend"),
     ("sqlite:///{tmp}/a-file/db/mlflow.db", "mlflow.tracking_uri: cannot make the folder {tmp}/a-file/db of "
-                                            "sqlite:///{tmp}/a-file/db/mlflow.db (Not a directory)"),
+                                            "sqlite:///{tmp}/a-file/db/mlflow.db (a file is in the way)"),
 ])
 def test_a_tracking_uri_mlflow_refuses_is_one_line(tmp_path, uri, message):
     """MLflow's own refusals (40-odd lines of traceback each) as one line, before Ray starts."""
