@@ -23,6 +23,8 @@ CHECKPOINT_FILE = "state.pt"
 #: Which features ``curvlt measure --checkpoint`` measures: the geometry epochs' training
 #: subsample (the metrics under ``geometry/``), or the test set (``geometry_test/``).
 SPLITS = ("train", "test")
+#: What :func:`checkpoint_features` reads from a checkpoint's state.
+STATE_KEYS = ("epoch", "model", "config")
 
 
 def load_state(folder: Path, device: torch.device | str = "cpu") -> dict:
@@ -57,13 +59,21 @@ def checkpoint_features(folder: Path, split: str) -> CheckpointFeatures:
         state = load_state(folder)
     except Exception as exc:  # torch raises several unrelated types for a corrupt file
         raise UserError(f"--checkpoint {folder}: cannot read {CHECKPOINT_FILE} ({str(exc).splitlines()[0]})") from exc
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserError(f"--checkpoint {folder}: not a checkpoint of a curvlt run ({CHECKPOINT_FILE} holds no "
+                        f"{missing[0]!r})")
     try:
         config = config_from_dict(state["config"])
     except UserError as exc:  # a run of a curvlt whose config keys differ
         raise UserError(f"--checkpoint {folder}: its run's config: {exc}") from None
     data = build_dataset(config.dataset, config.seed)
     model = create_model(config.model.name, data.input_shape, data.num_classes)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # a model of another curvlt: dozens of lines of missing and unexpected keys
+        raise UserError(f"--checkpoint {folder}: its weights do not fit this curvlt's model {config.model.name!r} "
+                        f"({str(exc).splitlines()[0]})") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     test_loader, geometry_loader = evaluation_loaders(data, config)

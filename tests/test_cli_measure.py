@@ -146,10 +146,22 @@ def test_measure_a_checkpoint_and_save_its_features(digits_checkpoint, tmp_path)
     (["--checkpoint", "CK", "--tangent-dim", "two"], "--tangent-dim: must be 'auto' or an integer, got 'two'"),
     (["--checkpoint", "CK", "--k", "0"], "--k: must be a positive integer, got 0"),
     (["--checkpoint", "CK", "--example"], "measure: give exactly one of FEATURES, --example or --checkpoint"),
+    (["--checkpoint", "NOCONFIG"], "--checkpoint NOCONFIG: not a checkpoint of a curvlt run (state.pt holds no "
+                                   "'config')"),
+    (["--checkpoint", "OTHERMODEL"], "--checkpoint OTHERMODEL: its weights do not fit this curvlt's model 'mlp' "
+                                     "(Error(s) in loading state_dict"),
 ])
 def test_checkpoint_options_fail_with_one_line(digits_checkpoint, tmp_path, args, message):
-    named = {"CK": str(digits_checkpoint), "RUN": str(digits_checkpoint.parent)}
-    args, message = [named.get(arg, arg) for arg in args], message.replace("RUN", named["RUN"])
+    state = torch.load(digits_checkpoint / CHECKPOINT_FILE)
+    named = {"CK": digits_checkpoint, "RUN": digits_checkpoint.parent, "NOCONFIG": tmp_path / "no-config",
+             "OTHERMODEL": tmp_path / "other-model"}
+    for name, changed in (("NOCONFIG", {"epoch": 0, "model": state["model"]}),
+                          ("OTHERMODEL", {**state, "model": {"layer.weight": torch.zeros(2)}})):
+        named[name].mkdir()
+        torch.save(changed, named[name] / CHECKPOINT_FILE)
+    for name, folder in named.items():
+        message = message.replace(name, str(folder))
+    args = [str(named[arg]) if arg in named else arg for arg in args]
     result = subprocess.run([CURVLT, "measure", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith(f"curvlt: error: {message}"), result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
