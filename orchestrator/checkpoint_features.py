@@ -49,8 +49,9 @@ def checkpoint_features(folder: Path, split: str) -> CheckpointFeatures:
     if split not in SPLITS:
         raise UserError(f"--split: must be one of {', '.join(SPLITS)}, got {split!r}")
     if not folder.is_dir():
-        raise UserError(f"--checkpoint {folder}: no such folder (give a local checkpoint folder: the 'checkpoint:' "
-                        f"line curvlt train ends with, or the run's MLflow tag curvlt.checkpoint)")
+        what = "not a folder" if folder.exists() else "no such folder"
+        raise UserError(f"--checkpoint {folder}: {what} (give a local checkpoint folder: the 'checkpoint:' line "
+                        f"curvlt train ends with, or the run's MLflow tag curvlt.checkpoint)")
     if not (folder / CHECKPOINT_FILE).is_file():
         inside = sorted(path.parent.name for path in folder.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))  # a run's folder
         hint = f"; give one of its checkpoint folders (oldest first): {', '.join(inside)}" if inside else ""

@@ -136,6 +136,7 @@ def test_measure_a_checkpoint_and_save_its_features(digits_checkpoint, tmp_path)
 
 @pytest.mark.parametrize("args,message", [
     (["--checkpoint", "nowhere"], "--checkpoint nowhere: no such folder"),
+    (["--checkpoint", "CK/state.pt"], "--checkpoint CK/state.pt: not a folder (give a local checkpoint folder"),
     (["--checkpoint", "."], "--checkpoint .: not a checkpoint of a curvlt run (no state.pt in it)\n"),
     (["--checkpoint", "RUN"], "--checkpoint RUN: not a checkpoint of a curvlt run (no state.pt in it); give one of "
                               "its checkpoint folders (oldest first): checkpoint_000\n"),
@@ -159,9 +160,8 @@ def test_checkpoint_options_fail_with_one_line(digits_checkpoint, tmp_path, args
                           ("OTHERMODEL", {**state, "model": {"layer.weight": torch.zeros(2)}})):
         named[name].mkdir()
         torch.save(changed, named[name] / CHECKPOINT_FILE)
-    for name, folder in named.items():
-        message = message.replace(name, str(folder))
-    args = [str(named[arg]) if arg in named else arg for arg in args]
+    for name, folder in named.items():  # placeholders (upper case) to paths, in arguments and message
+        message, args = message.replace(name, str(folder)), [arg.replace(name, str(folder)) for arg in args]
     result = subprocess.run([CURVLT, "measure", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith(f"curvlt: error: {message}"), result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
