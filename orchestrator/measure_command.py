@@ -113,22 +113,22 @@ def _measure_checkpoint(args: argparse.Namespace, k: int | None,
     from orchestrator.evaluation import GEOMETRY_PREFIXES, correlation_metrics
 
     folder, split = Path(args.checkpoint), args.split or "train"
-    run = checkpoint_features(folder, split)
-    features, labels = run.features.features, run.features.labels
+    trained = checkpoint_features(folder, split)
+    features, labels = trained.features.features, trained.features.labels
     if args.save_features:  # before measuring, which may take long
         np.savez(args.save_features, features=features.numpy(), labels=labels.numpy())
-    k = run.config.eval.geometry_k if k is None else k
-    tangent_dim = run.config.eval.geometry_tangent_dim if tangent_dim is None else tangent_dim
+    k = trained.config.eval.geometry_k if k is None else k
+    tangent_dim = trained.config.eval.geometry_tangent_dim if tangent_dim is None else tangent_dim
     table = _class_geometry(features, labels, k, tangent_dim, args.backend, f"{split} features")
     present = table["label"].to_numpy()
-    table.insert(2, "test_accuracy", run.test_accuracy[present])
-    if run.true_curvature is not None:
-        table["true_curvature"] = run.true_curvature[present]
-    metrics = correlation_metrics(table, run.test_accuracy, GEOMETRY_PREFIXES[split])
-    config = run.config
-    heading = (f"{folder}: {config.dataset.name}, {config.model.name}, after epoch {run.epoch}/{config.train.epochs}; "
-               f"{split} features: {features.shape[0]} points, {features.shape[1]} dims, {table.shape[0]} "
-               f"classes, k={k}, tangent dim {tangent_dim}")
+    table.insert(2, "test_accuracy", trained.test_accuracy[present])
+    if trained.true_curvature is not None:
+        table["true_curvature"] = trained.true_curvature[present]
+    metrics = correlation_metrics(table, trained.test_accuracy, GEOMETRY_PREFIXES[split])
+    config = trained.config
+    heading = (f"{folder}: {config.dataset.name}, {config.model.name}, after epoch "
+               f"{trained.epoch}/{config.train.epochs}; {split} features: {features.shape[0]} points, "
+               f"{features.shape[1]} dims, {table.shape[0]} classes, k={k}, tangent dim {tangent_dim}")
     return heading, table, [f"  {name:40s} {value:.4f}" for name, value in metrics.items()]
 
 
