@@ -14,7 +14,7 @@ import torch
 from orchestrator.config import ExperimentConfig, config_from_dict
 from orchestrator.data import build_dataset
 from orchestrator.errors import UserError
-from orchestrator.evaluation import Predictions, class_accuracy, evaluation_loaders, predict
+from orchestrator.evaluation import GEOMETRY_PREFIXES, Predictions, class_accuracy, evaluation_loaders, predict
 from orchestrator.models import create_model
 
 #: The file in each Ray Train checkpoint folder of a curvlt run: epoch, model, optimizer, CR
@@ -22,7 +22,7 @@ from orchestrator.models import create_model
 CHECKPOINT_FILE = "state.pt"
 #: Which features ``curvlt measure --checkpoint`` measures: the geometry epochs' training
 #: subsample (the metrics under ``geometry/``), or the test set (``geometry_test/``).
-SPLITS = ("train", "test")
+SPLITS = tuple(GEOMETRY_PREFIXES)
 #: What :func:`checkpoint_features` reads from a checkpoint's state.
 STATE_KEYS = ("epoch", "model", "config")
 
