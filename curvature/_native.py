@@ -51,6 +51,7 @@ _FUNCTIONS = {
 #: flip it to compare both forms in one process).
 enabled = os.environ.get("CURVLT_NATIVE", "1") != "0"
 _library: ctypes.CDLL | None = None
+_max_dim = 0  # the kernels' largest matrix size, asked once: available() runs several times a step
 _failure: str | None = None
 
 
@@ -83,7 +84,6 @@ def _build() -> ctypes.CDLL:
         getattr(library, name).restype = None
     library.curvlt_max_dim.restype = ctypes.c_int
     library.curvlt_undirected_edges.restype = ctypes.c_int64
-    library.max_dim = library.curvlt_max_dim()  # asked once: available() runs several times a step
     return library
 
 
@@ -110,12 +110,13 @@ def _compiled(compiler: str, flags: tuple[str, ...]) -> Path:
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or ``None`` when turned off or unavailable (the reason warned once)."""
-    global _library, _failure
+    global _library, _max_dim, _failure
     if not enabled or _failure is not None:
         return None
     if _library is None:
         try:
             _library = _build()
+            _max_dim = _library.curvlt_max_dim()
         except Exception as error:  # noqa: BLE001 - any failure leaves the tensor form, which gives the same result
             _failure = f"{type(error).__name__}: {error}".strip().splitlines()[0]
             warnings.warn(f"curvature: the compiled CPU kernels cannot be built here ({_failure}); eigen-problems "
@@ -129,8 +130,16 @@ def available(device: torch.device, dim: int) -> bool:
     eigen-problems) on ``device`` here."""
     if device.type != "cpu":
         return False
+    return library() is not None and dim <= _max_dim
+
+
+def _kernel() -> ctypes.CDLL:
+    """The loaded kernel, for the functions below, which callers reach only after :func:`available`."""
     kernel = library()
-    return kernel is not None and dim <= kernel.max_dim
+    if kernel is None:
+        raise RuntimeError("curvature: the compiled CPU kernels are off or unavailable here; "
+                           "check curvature._native.available() before calling them")
+    return kernel
 
 
 def pair_angles(coefficients: torch.Tensor, inner: torch.Tensor, slots: torch.Tensor, has_direction: torch.Tensor,
@@ -149,7 +158,7 @@ def eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     work = matrices.detach().double().contiguous()
     evals = torch.empty(work.shape[:-1], dtype=torch.float64)
     evecs = torch.empty_like(work)
-    library().curvlt_eigh(work.shape[0], work.shape[-1], _pointer(work), _pointer(evals), _pointer(evecs))
+    _kernel().curvlt_eigh(work.shape[0], work.shape[-1], _pointer(work), _pointer(evals), _pointer(evecs))
     return evals.to(matrices.dtype), evecs.to(matrices.dtype)
 
 
@@ -163,7 +172,7 @@ def patch_spectra(grams: torch.Tensor, blocks: torch.Tensor,
     n, m = patches.shape
     evals = torch.empty(n, m, dtype=torch.float64)
     evecs = torch.empty(n, m, m, dtype=torch.float64)
-    library().curvlt_patch_spectra(n, m, grams.shape[1], *map(_pointer, (grams, blocks, patches, evals, evecs)))
+    _kernel().curvlt_patch_spectra(n, m, grams.shape[1], *map(_pointer, (grams, blocks, patches, evals, evecs)))
     return evals, evecs
 
 
@@ -183,7 +192,7 @@ def undirected_edges(indices: torch.Tensor, symmetric: torch.Tensor) -> tuple[to
     indices, symmetric = indices.long().contiguous(), symmetric.to(torch.uint8).contiguous()
     n, k = indices.shape
     own, other, which = (torch.empty(n * k, dtype=torch.long) for _ in range(3))
-    count = library().curvlt_undirected_edges(n, k, *map(_pointer, (indices, symmetric, own, other, which)))
+    count = _kernel().curvlt_undirected_edges(n, k, *map(_pointer, (indices, symmetric, own, other, which)))
     return own[:count], other[:count], which
 
 
@@ -203,7 +212,7 @@ class _PairAngles(torch.autograd.Function):
         theta = torch.empty(edges, dtype=torch.float64)
         # What the backward pass reads per edge: M, the eigenvectors of G, and dθ/dλ.
         saved = torch.empty(edges, 2 * dim * dim + dim, dtype=torch.float64) if any(ctx.needs_input_grad) else None
-        library().curvlt_pair_forward(edges, *_shape(coefficients, inner), _pointer(coefficients), _pointer(inner),
+        _kernel().curvlt_pair_forward(edges, *_shape(coefficients, inner), _pointer(coefficients), _pointer(inner),
                                       _pointer(slots), _pointer(has_direction), _pointer(own),
                                       _pointer(other), eps, _pointer(theta), None if saved is None else _pointer(saved))
         ctx.save_for_backward(coefficients, inner, slots, own, other, saved)
@@ -215,7 +224,7 @@ class _PairAngles(torch.autograd.Function):
         grad_coefficients, grad_inner = torch.zeros_like(coefficients), torch.zeros_like(inner)
         grad_theta = grad_theta.double().contiguous()
         operands = (coefficients, inner, slots, own, other, saved, grad_theta, grad_coefficients, grad_inner)
-        library().curvlt_pair_backward(own.numel(), coefficients.shape[0], *_shape(coefficients, inner),
+        _kernel().curvlt_pair_backward(own.numel(), coefficients.shape[0], *_shape(coefficients, inner),
                                        *map(_pointer, operands))
         return grad_coefficients, grad_inner, None, None, None, None, None
 
@@ -230,7 +239,7 @@ class _PatchCoefficients(torch.autograd.Function):
         coefficients = torch.empty(n, m, dim, dtype=torch.float64)
         inner = torch.empty(n, grams.shape[1], dim, dtype=torch.float64)
         has_direction = torch.empty(n, dim, dtype=torch.float64)
-        library().curvlt_patch_forward(n, m, dim, grams.shape[1], *map(_pointer, (*operands, coefficients, inner,
+        _kernel().curvlt_patch_forward(n, m, dim, grams.shape[1], *map(_pointer, (*operands, coefficients, inner,
                                                                                   has_direction)))
         ctx.save_for_backward(*operands, coefficients)
         ctx.mark_non_differentiable(has_direction)
@@ -247,7 +256,7 @@ class _PatchCoefficients(torch.autograd.Function):
                       else grad_inner.double().contiguous())
         grad_grams = torch.zeros_like(grams)
         operands = (grams, blocks, patches, evals, evecs, coefficients, grad_coefficients, grad_inner, grad_grams)
-        library().curvlt_patch_backward(n, m, dim, grams.shape[1], *map(_pointer, operands))
+        _kernel().curvlt_patch_backward(n, m, dim, grams.shape[1], *map(_pointer, operands))
         return grad_grams, None, None, None, None, None
 
 

@@ -11,14 +11,16 @@ from orchestrator.errors import UserError, make_folder
 
 if TYPE_CHECKING:  # torch, pandas and the geometry engine load in run(): `curvlt --help` stays quick
     import pandas as pd
-    import torch
+    from numpy.typing import ArrayLike
 
+    from curvature.neighbours import Backend
     from curvature.rotation import TangentDim
 
 #: Seconds between progress lines while a large file is measured.
 PROGRESS_EVERY_S = 10.0
 #: Neighbours per point and tangent dimension for a feature file (a checkpoint: its run's own).
-DEFAULT_K, DEFAULT_TANGENT_DIM = 10, "auto"
+DEFAULT_K: int = 10
+DEFAULT_TANGENT_DIM: TangentDim = "auto"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -70,7 +72,7 @@ def _write(table: pd.DataFrame, out: Path) -> None:
         table.to_json(out, orient="records", indent=2)
 
 
-def _class_geometry(features: torch.Tensor, labels: torch.Tensor, k: int, tangent_dim: TangentDim, backend: str,
+def _class_geometry(features: ArrayLike, labels: ArrayLike, k: int, tangent_dim: TangentDim, backend: Backend,
                     what: str) -> pd.DataFrame:
     from curvature import class_geometry
     from orchestrator.progress import ProgressLine

@@ -118,7 +118,7 @@ def _start_or_join() -> None:
     # address="local": always a fresh instance of our own, never one left behind by `ray start`.
     with _loopback_only():
         ray.init(address="local", include_dashboard=os.environ.get(DASHBOARD_ENV) == "1", _node_ip_address="127.0.0.1",
-                 dashboard_host="127.0.0.1", runtime_env=runtime_env, logging_level="WARNING")
+                 dashboard_host="127.0.0.1", runtime_env=runtime_env, logging_level=logging.WARNING)
     _started_here = True
 
 

@@ -114,6 +114,8 @@ def test_without_a_compiler_warns_once_and_runs_the_tensor_form(rng, monkeypatch
     assert "no-such-compiler" in _native._failure
     torch.testing.assert_close(angles(), expected, rtol=0, atol=0)
     assert not _native.available(torch.device("cpu"), 3)
+    with pytest.raises(RuntimeError, match=r"check curvature\._native\.available\(\)"):
+        _native.eigh(torch.eye(3)[None])
 
 
 def test_processes_building_at_once_each_load_a_whole_library(tmp_path):
