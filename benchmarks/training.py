@@ -37,7 +37,7 @@ from orchestrator.config import CRConfig, load_config
 from orchestrator.data import build_dataset
 from orchestrator.data.long_tail import long_tail_counts
 from orchestrator.losses import create_loss
-from orchestrator.models import create_model
+from orchestrator.models import build_model, create_model
 
 #: Most input values in one forward pass that fills the GPU rows' queues (512 MiB of float32 images),
 #: which bounds its memory: one image of each of 1,000 ImageNet-shaped classes goes in two passes.
@@ -202,7 +202,7 @@ def config_rows(config_name: str, steps: int, variants: tuple[dict[str, object],
     config = load_config(config_name)
     data = build_dataset(config.dataset, config.seed)
     torch.manual_seed(0)
-    model = create_model(config.model.name, data.input_shape, data.num_classes)
+    model = build_model(config, data.input_shape, data.num_classes)
     loss_fn = create_loss(config.loss, data.class_counts)
     loader = torch.utils.data.DataLoader(data.train, batch_size=config.train.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(0), drop_last=True)

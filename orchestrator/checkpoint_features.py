@@ -15,7 +15,7 @@ from orchestrator.config import ExperimentConfig, config_from_dict
 from orchestrator.data import build_dataset
 from orchestrator.errors import UserError
 from orchestrator.evaluation import GEOMETRY_PREFIXES, Predictions, class_accuracy, evaluation_loaders, predict
-from orchestrator.models import create_model
+from orchestrator.models import build_model
 
 #: The file in each Ray Train checkpoint folder of a curvlt run: epoch, model, optimizer, CR
 #: queues and the run's config (:func:`orchestrator.train_loop.train_loop_per_worker` writes it).
@@ -69,7 +69,7 @@ def checkpoint_features(folder: Path, split: str) -> CheckpointFeatures:
     except UserError as exc:  # a run of a curvlt whose config keys differ
         raise UserError(f"--checkpoint {folder}: its run's config: {exc}") from None
     data = build_dataset(config.dataset, config.seed)
-    model = create_model(config.model.name, data.input_shape, data.num_classes)
+    model = build_model(config, data.input_shape, data.num_classes)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:  # a model of another curvlt: dozens of lines of missing and unexpected keys

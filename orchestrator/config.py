@@ -54,6 +54,10 @@ class DatasetConfig:
 @dataclass
 class ModelConfig:
     name: str = "mlp"
+    # The classifier on the features: "linear" (W f + b), or "cosine" (cosines between the normalised
+    # features and class weights), which LDAM's margins are defined on (Cao et al., NeurIPS 2019: the
+    # margins are in cosine units, scaled by loss.ldam_s). "auto": cosine for ldam, linear otherwise.
+    head: Literal["auto", "linear", "cosine"] = "auto"
 
 
 @dataclass
@@ -281,6 +285,9 @@ def _cross_checks(config: ExperimentConfig) -> None:
                                     config.eval.geometry_k)):
         if dim != "auto" and dim > k:
             raise UserError(f"{dim_key}: must be 'auto' or at most {k_key} = {k}")
+    if config.model.head == "cosine" and config.loss.name != "ldam":
+        raise UserError(f"model.head: cosine needs loss.name ldam, which scales the cosine logits (in [-1, 1]) by "
+                        f"loss.ldam_s; got loss.name {config.loss.name}")
     if config.cr.weight > 0 and config.cr.start_epoch >= config.train.epochs:
         raise UserError(f"cr.start_epoch: must be below train.epochs = {config.train.epochs} when cr.weight > 0 "
                         f"(epochs count from 0), got {config.cr.start_epoch}: CR would never apply")
@@ -309,6 +316,13 @@ def _check_registered_names(config: ExperimentConfig) -> None:
 
     for registry, name in ((DATASETS, config.dataset.name), (MODELS, config.model.name), (LOSSES, config.loss.name)):
         registry.get(name)
+
+
+def model_head(config: ExperimentConfig) -> Literal["linear", "cosine"]:
+    """The classifier ``model.head`` names, with "auto" resolved: cosine for LDAM, linear otherwise."""
+    if config.model.head == "auto":
+        return "cosine" if config.loss.name == "ldam" else "linear"
+    return config.model.head
 
 
 def check_feature_dim(config: ExperimentConfig, feature_dim: int) -> None:

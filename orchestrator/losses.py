@@ -80,7 +80,9 @@ class FocalLoss(LongTailLoss):
 @LOSSES.register("ldam")
 class LDAMLoss(LongTailLoss):
     """Label-distribution-aware margin: subtract ``m_y ∝ n_y^(-1/4)`` (largest = ``ldam_max_m``) from
-    the true-class logit, scale by ``s`` (Cao et al., NeurIPS 2019); use with ``drw_epoch``."""
+    the true-class logit, scale by ``s`` (Cao et al., NeurIPS 2019); use with ``drw_epoch``. The
+    logits are meant to be cosines (:class:`orchestrator.models.CosineHead`, which ``model.head:
+    auto`` gives this loss): margins and ``s`` are in their units."""
 
     margins: torch.Tensor  # buffer (C,)
 

@@ -9,16 +9,39 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from orchestrator.config import ExperimentConfig, model_head
 from orchestrator.registry import Registry
 
 
+class CosineHead(nn.Module):
+    """Logits ``cos(f, w_c)`` in [-1, 1]: the normalised features against normalised class weights,
+    with no bias. LDAM's margins are subtracted from these and the result scaled by ``s`` (Cao et
+    al., NeurIPS 2019, whose reference code pairs its loss with this classifier); on the unbounded
+    logits of a linear head a margin of 0.5 has no fixed meaning, and ``s`` only rescales them."""
+
+    def __init__(self, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, feature_dim) / math.sqrt(feature_dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))
+
+
+#: Classifier heads by ``model.head`` name, each built from (feature_dim, num_classes).
+HEADS: dict[str, type[nn.Module]] = {"linear": nn.Linear, "cosine": CosineHead}
+
+
 class FeatureClassifier(nn.Module):
-    """A backbone producing ``feature_dim`` features and a linear head."""
+    """A backbone producing ``feature_dim`` features and a classifier head (linear unless reset)."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int):
         super().__init__()
-        self.backbone, self.feature_dim = backbone, feature_dim
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.backbone, self.feature_dim, self.num_classes = backbone, feature_dim, num_classes
+        self.head: nn.Module = nn.Linear(feature_dim, num_classes)
+
+    def reset_head(self, kind: str) -> None:
+        """Replace the head by a new one of ``kind`` (a key of :data:`HEADS`), as timm's ``reset_classifier``."""
+        self.head = HEADS[kind](self.feature_dim, self.num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -34,8 +57,16 @@ class FeatureClassifier(nn.Module):
 MODELS: Registry[FeatureClassifier] = Registry("model", "model.name")
 
 
-def create_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> FeatureClassifier:
-    return MODELS.create(name, input_shape=input_shape, num_classes=num_classes)
+def create_model(name: str, input_shape: tuple[int, ...], num_classes: int, head: str = "linear") -> FeatureClassifier:
+    model = MODELS.create(name, input_shape=input_shape, num_classes=num_classes)
+    if head != "linear":
+        model.reset_head(head)
+    return model
+
+
+def build_model(config: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> FeatureClassifier:
+    """The model a run's config names, with the head it asks for (``model.head``; "auto" follows the loss)."""
+    return create_model(config.model.name, input_shape, num_classes, model_head(config))
 
 
 @MODELS.register("mlp")

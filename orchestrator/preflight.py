@@ -113,11 +113,11 @@ def _build_data_and_model(config: ExperimentConfig) -> None:
     import torch
 
     from orchestrator.data.datasets import build_dataset
-    from orchestrator.models import create_model
+    from orchestrator.models import build_model
 
     data = build_dataset(config.dataset, config.seed)
     with torch.device("meta"):
-        model = create_model(config.model.name, data.input_shape, data.num_classes)
+        model = build_model(config, data.input_shape, data.num_classes)
     check_feature_dim(config, model.feature_dim)
 
 

@@ -24,7 +24,7 @@ from orchestrator.data.long_tail import shot_groups
 from orchestrator.evaluation import (GEOMETRY_PREFIXES, accuracy_metrics, class_accuracy, correlation_metrics,
                                      evaluation_loaders, geometry_table, predict, split_geometry)
 from orchestrator.losses import create_loss
-from orchestrator.models import create_model
+from orchestrator.models import build_model
 from orchestrator.schedule import learning_rate
 from orchestrator.tracking import RunLogger
 
@@ -62,7 +62,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     data = build_dataset(config.dataset, config.seed)
     groups = shot_groups(data.class_counts, config.dataset.many_threshold, config.dataset.few_threshold)
-    classifier = create_model(config.model.name, data.input_shape, data.num_classes)
+    classifier = build_model(config, data.input_shape, data.num_classes)
     feature_dim = classifier.feature_dim
     check_feature_dim(config, feature_dim)  # a joined cluster's driver did not build the model
     # On the device, and in DistributedDataParallel with more than one worker, which trains

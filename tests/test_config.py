@@ -64,6 +64,9 @@ def test_overrides_are_typed(tmp_path):
     ("model.name=resnet18", "model.name: unknown model 'resnet18'; choose one of mlp, resnet32"),
     ("dataset.name=mnist", "dataset.name: unknown dataset 'mnist'; choose one of cifar100_lt"),
     ("mlflow.experiment=' '", "mlflow.experiment: must be a non-empty name, got ' '"),
+    ("model.head=mlp", "model.head: must be 'auto' or 'linear' or 'cosine'"),
+    ("model.head=cosine", "model.head: cosine needs loss.name ldam, which scales the cosine logits (in [-1, 1]) by "
+                          "loss.ldam_s; got loss.name ce"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(UserError) as info:

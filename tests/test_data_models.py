@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from orchestrator.config import DatasetConfig, SyntheticConfig
+from orchestrator.config import DatasetConfig, SyntheticConfig, load_config
 from orchestrator.data import DATASETS, build_dataset
 from orchestrator.errors import UserError
-from orchestrator.models import MODELS, create_model
+from orchestrator.models import MODELS, CosineHead, build_model, create_model
 
 LOCAL = {"digits_lt": (10, (1, 8, 8)), "fashion_mnist_lt": (10, (1, 28, 28)), "synthetic_manifolds": (8, (16,))}
 NEEDS_FILES = ["cifar10_lt", "cifar100_lt", "imagenet_lt", "inat2018"]
@@ -74,3 +75,26 @@ def test_models_return_features_and_logits(name):
     assert features.shape == (2, model.feature_dim) and logits.shape == (2, 7)
     assert torch.equal(model.forward_head(model.forward_features(torch.zeros(1, *SHAPES[name]))),
                        model(torch.zeros(1, *SHAPES[name]))[1])
+
+
+@pytest.mark.parametrize("overrides,head", [([], nn.Linear), (["loss.name=ldam"], CosineHead),
+                                            (["loss.name=ldam", "model.head=linear"], nn.Linear),
+                                            (["loss.name=ldam", "model.head=cosine"], CosineHead)])
+def test_the_head_follows_the_loss_unless_named(overrides, head):
+    """``model.head: auto`` gives LDAM the cosine classifier its margins are defined on (Cao et al.
+    2019) and every other loss the linear one; a named head is taken as named."""
+    model = build_model(load_config("digits_lt", overrides), (1, 8, 8), 10)
+    assert type(model.head) is head
+
+
+def test_cosine_head_gives_the_cosines_of_features_and_class_weights():
+    torch.manual_seed(0)
+    model = create_model("mlp", (1, 8, 8), 5, head="cosine")
+    with torch.no_grad():
+        features, logits = model(torch.randn(6, 1, 8, 8))
+        weight = model.head.weight
+        expected = (features @ weight.T) / (features.norm(dim=1, keepdim=True) * weight.norm(dim=1))
+        torch.testing.assert_close(logits, expected)
+        assert float(logits.abs().max()) <= 1.0 + 1e-6
+        # a sample's scale changes none of its logits
+        torch.testing.assert_close(model.forward_head(3.0 * features), logits)
