@@ -112,6 +112,9 @@ def train(config: ExperimentConfig, tags: dict[str, str] | None = None, run_key:
             print(f"[curvlt] run {run_id} ended {status}; the same command with --resume {run_id} continues it "
                   f"from its last checkpoint", file=sys.stderr, flush=True)
         _raise_user_error_of_workers(sys.exc_info()[1])
+        if stopped and isinstance(sys.exc_info()[1], SystemExit):
+            # Ray Train's SIGINT handler exits with status 1; a stopped run is curvlt's Ctrl-C (130)
+            raise KeyboardInterrupt from None
         raise
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     log_plots(uri, run_id, config)

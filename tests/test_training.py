@@ -101,13 +101,15 @@ def test_stopped_run_continues_with_resume_from_another_directory(tmp_path):
             "--set", "cr.weight=0.2", "--set", "cr.start_epoch=0", "--set", "checkpoint.every=1",
             "--set", f"mlflow.tracking_uri={store}"]
     client = MlflowClient(store)
-    output = _stop_after_epoch(args, started, 2, signal.SIGTERM)
+    output, status = _stop_after_epoch(args, started, 2, signal.SIGTERM)
+    assert status == 130 and "curvlt: interrupted" in output, output[-3000:]
     _, run = only_run(store, "curvlt-digits")
     assert run.info.status == "KILLED", output[-3000:]
     assert f"--resume {run.info.run_id}" in output
     assert 2 <= len(client.get_metric_history(run.info.run_id, "test/acc")) < epochs
 
-    output = _stop_after_epoch(args + ["--resume"], elsewhere, 5, signal.SIGINT)  # Ctrl-C
+    output, status = _stop_after_epoch(args + ["--resume"], elsewhere, 5, signal.SIGINT)  # Ctrl-C
+    assert status == 130, output[-3000:]
     assert int(re.search(rf"resuming after epoch (\d+)/{epochs}", output).group(1)) >= 1, output[-3000:]
     assert client.get_run(run.info.run_id).info.status == "KILLED", output[-3000:]
 
@@ -123,8 +125,8 @@ def test_stopped_run_continues_with_resume_from_another_directory(tmp_path):
     assert again.returncode == 2 and "no unfinished run of experiment 'curvlt-digits'" in again.stderr
 
 
-def _stop_after_epoch(args: list[str], cwd: Path, epoch: int, stop: signal.Signals) -> str:
-    """Run ``args`` until it prints that it finished ``epoch``, send it ``stop``; its output."""
+def _stop_after_epoch(args: list[str], cwd: Path, epoch: int, stop: signal.Signals) -> tuple[str, int]:
+    """Run ``args`` until it prints that it finished ``epoch``, send it ``stop``; its output and exit status."""
     process = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []
     for line in process.stdout:
@@ -132,7 +134,7 @@ def _stop_after_epoch(args: list[str], cwd: Path, epoch: int, stop: signal.Signa
         if f"epoch {epoch}/" in line and "loss" in line:
             process.send_signal(stop)
     process.wait(timeout=120)
-    return "".join(output)
+    return "".join(output), process.returncode
 
 
 def test_unreachable_tracking_server_stops_before_training(tmp_path):
