@@ -51,6 +51,11 @@ class DatasetConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
+#: The losses whose margins and scale are defined on cosine logits: the ones ``model.head: auto``
+#: gives the cosine head, and the only ones ``model.head: cosine`` is allowed with.
+COSINE_HEAD_LOSSES = ("ldam",)
+
+
 @dataclass
 class ModelConfig:
     name: str = "mlp"
@@ -285,9 +290,9 @@ def _cross_checks(config: ExperimentConfig) -> None:
                                     config.eval.geometry_k)):
         if dim != "auto" and dim > k:
             raise UserError(f"{dim_key}: must be 'auto' or at most {k_key} = {k}")
-    if config.model.head == "cosine" and config.loss.name != "ldam":
-        raise UserError(f"model.head: cosine needs loss.name ldam, which scales the cosine logits (in [-1, 1]) by "
-                        f"loss.ldam_s; got loss.name {config.loss.name}")
+    if config.model.head == "cosine" and config.loss.name not in COSINE_HEAD_LOSSES:
+        raise UserError(f"model.head: cosine needs loss.name {' or '.join(COSINE_HEAD_LOSSES)}, which scales the "
+                        f"cosine logits (in [-1, 1]) by loss.ldam_s; got loss.name {config.loss.name}")
     if config.cr.weight > 0 and config.cr.start_epoch >= config.train.epochs:
         raise UserError(f"cr.start_epoch: must be below train.epochs = {config.train.epochs} when cr.weight > 0 "
                         f"(epochs count from 0), got {config.cr.start_epoch}: CR would never apply")
@@ -321,7 +326,7 @@ def _check_registered_names(config: ExperimentConfig) -> None:
 def model_head(config: ExperimentConfig) -> Literal["linear", "cosine"]:
     """The classifier ``model.head`` names, with "auto" resolved: cosine for LDAM, linear otherwise."""
     if config.model.head == "auto":
-        return "cosine" if config.loss.name == "ldam" else "linear"
+        return "cosine" if config.loss.name in COSINE_HEAD_LOSSES else "linear"
     return config.model.head
 
 
