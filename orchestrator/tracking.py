@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.config import ExperimentConfig, flatten
+from orchestrator.config import ExperimentConfig, flatten, model_head
 from orchestrator.errors import UserError, make_folder
 
 if TYPE_CHECKING:
@@ -106,9 +106,11 @@ def experiment_id(uri: str, name: str) -> str:
 
 
 def public_params(config: ExperimentConfig) -> dict[str, str]:
-    """Flattened config for MLflow params as they are logged: the tracking URI redacted, each value
-    cut to MLflow's 6,000-character limit."""
+    """Flattened config for MLflow params as they are logged: ``model.head`` as the run builds it
+    ("auto" resolved, so a run's page says which classifier LDAM trained), the tracking URI redacted,
+    each value cut to MLflow's 6,000-character limit."""
     params = flatten(config.to_dict())
+    params["model.head"] = model_head(config)
     params["mlflow.tracking_uri"] = redact(params["mlflow.tracking_uri"])
     return {key: str(value)[:6000] for key, value in params.items()}
 

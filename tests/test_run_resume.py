@@ -29,6 +29,17 @@ def test_only_what_a_run_trains_must_match():
     assert config_differences(params, other) == [f"train.lr: {params['train.lr']} in the run, 0.3 here"]
 
 
+def test_the_logged_head_is_the_one_built():
+    """``model.head`` is logged resolved, so a run's params say which classifier it trained; an LDAM
+    run from before the key existed trained the linear head, so it is not this config's run."""
+    ldam = load_config("digits_lt", ["loss.name=ldam"])
+    params = public_params(ldam)
+    assert params["model.head"] == "cosine"
+    assert public_params(load_config("digits_lt"))["model.head"] == "linear"
+    del params["model.head"]
+    assert config_differences(params, ldam) == ["model.head: not recorded in the run, cosine here"]
+
+
 def test_a_key_the_run_predates_must_be_at_its_default():
     """A run logged before a key existed (here: its params lack the key) trained with the key's
     default behaviour: resuming it at the default is the same run; at another value it is not."""
