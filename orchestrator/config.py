@@ -392,11 +392,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _leaf_settings(key: str, value: Any) -> list[tuple[str, Any]]:
+    """A mapping value sets each key it names within the section, ``loss={name: ldam, drw_epoch:
+    160}`` as ``loss.name=ldam`` and ``loss.drw_epoch=160``, and leaves the section's other keys as
+    they were: so a sweep can vary several keys together (a grid over mappings) without restating
+    the rest of the section. No config field holds a mapping, so the reading is never ambiguous."""
+    if isinstance(value, dict):
+        return [leaf for sub, inner in value.items() for leaf in _leaf_settings(f"{key}.{sub}", inner)]
+    return [(key, value)]
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set dotted keys in a nested dict (a copy); unknown keys are caught later by the builder."""
     data = _deep_copy(data)
-    for text in overrides:
-        key, value = parse_override(text)
+    settings = [leaf for text in overrides for leaf in _leaf_settings(*parse_override(text))]
+    for key, value in settings:
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

@@ -181,8 +181,19 @@ def swept_keys(space: SearchSpace, bases: list[ExperimentConfig]) -> list[str]:
     dataset): those of its ``param_space``, and every key on which two of its base configs for
     the same dataset differ (e.g. ``model.name``), except keys that do not change what a run
     computes (:data:`~orchestrator.config.NOT_COMPUTED`). Bases of different datasets are told
-    apart by the dataset already. ``bases``: the trial config of each base, no value sampled."""
-    return list(dict.fromkeys([*space.params, *differing_keys([flatten(base.to_dict()) for base in bases])]))
+    apart by the dataset already. ``bases``: the trial config of each base, no value sampled. A key
+    whose grid holds mappings (``loss: {grid: [{name: ce}, {name: ldam, drw_epoch: 160}]}``) stands
+    for the keys those mappings set (``loss.name``, ``loss.drw_epoch``): the logged params."""
+    params = [name for key, spec in space.params.items() for name in _set_keys(key, spec)]
+    return list(dict.fromkeys([*params, *differing_keys([flatten(base.to_dict()) for base in bases])]))
+
+
+def _set_keys(key: str, spec: dict[str, Any]) -> list[str]:
+    """The dotted config keys that the values of ``spec`` set (see ``config._leaf_settings``)."""
+    mappings = [value for value in _candidate_values(spec) if isinstance(value, dict)]
+    if not mappings:
+        return [key]
+    return list(dict.fromkeys(name for value in mappings for name in flatten(value, f"{key}.")))
 
 
 def tune_param_space(space: SearchSpace) -> dict[str, Any]:

@@ -50,6 +50,31 @@ def test_swept_keys_include_what_the_bases_differ_in(tmp_path):
     assert _swept(load_space("quickstart")) == ["cr.weight", "seed"]  # two datasets: nothing added
 
 
+def test_a_grid_over_mappings_varies_keys_together(tmp_path):
+    """``loss: {grid: [{name: ce}, {name: ldam, drw_epoch: 3}]}``: DRW only with LDAM. Each mapping
+    sets the keys it names and leaves the section's others at the base's values; the swept keys are
+    the ones the mappings set, as ``curvlt compare`` finds them in the params."""
+    space = load_space(write(tmp_path, "base: digits_lt\nparam_space:\n  loss: {grid: [{name: ce}, "
+                                       "{name: ldam, drw_epoch: 3}]}\n  cr.weight: {grid: [0, 0.5]}\n"))
+    assert count_trials(space) == 4
+    ce = trial_config(space, "digits_lt", {"loss": {"name": "ce"}}, [])
+    ldam = trial_config(space, "digits_lt", {"loss": {"name": "ldam", "drw_epoch": 3}}, [])
+    assert (ce.loss.name, ce.loss.drw_epoch, ldam.loss.name, ldam.loss.drw_epoch) == ("ce", -1, "ldam", 3)
+    assert ldam.loss.ldam_max_m == ce.loss.ldam_max_m == trial_config(space, "digits_lt", {}, []).loss.ldam_max_m
+    assert _swept(space) == ["loss.name", "loss.drw_epoch", "cr.weight"]
+    with pytest.raises(UserError, match="param_space.loss: loss.drw: unknown key"):
+        load_space(write(tmp_path, "base: digits_lt\nparam_space: {loss: {grid: [{name: ldam, drw: 3}]}}"))
+
+
+def test_the_paper_sweep_defers_reweighting_for_ldam_only():
+    """Balanced Softmax and logit adjustment already correct for the label prior; DRW on top of
+    them would correct twice. ``cifar_lt`` pairs DRW with LDAM, as Cao et al. and the paper do."""
+    space = load_space("cifar_lt")
+    drw = {value["name"]: value.get("drw_epoch", -1) for value in space.params["loss"]["grid"]}
+    assert drw == {"ce": -1, "ldam": 160, "balanced_softmax": -1, "logit_adjust": -1}
+    assert count_trials(space) == 72
+
+
 def _swept(space: SearchSpace) -> list[str]:
     return swept_keys(space, [trial_config(space, base, {}, []) for base in space.base])
 
