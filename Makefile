@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/geometry.py
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/sweep.py
+	$(PY) benchmarks/loading.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -121,6 +121,9 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # when use_gpu; fractions share a GPU between trials
+    # DataLoader processes per Ray Train worker, which read, decode and augment the next batches
+    # while the worker trains (see loader_workers for "auto")
+    loader_workers: int | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -198,6 +201,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "scaling.num_workers": _POSITIVE,
     "scaling.cpus_per_worker": _POSITIVE,
     "scaling.gpus_per_worker": _POSITIVE,
+    "scaling.loader_workers": (lambda v: v == "auto" or v >= 0, "'auto' or an integer >= 0"),
     "checkpoint.every": _POSITIVE,
     "checkpoint.keep": _POSITIVE,
     "checkpoint.max_failures": (lambda v: v >= -1, ">= -1 (-1 = unlimited)"),
@@ -466,3 +470,13 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def loader_workers(scaling: ScalingConfig) -> int:
+    """DataLoader processes per Ray Train worker, ``scaling.loader_workers`` with "auto" resolved. On
+    a GPU worker: its CPUs but the one that drives the GPU, so that decoding and augmenting the next
+    batches (ImageNet's JPEGs; CIFAR's crops, about 10 ms per batch of 128 on one core) overlap the
+    step instead of adding to it. On a CPU worker: none, since its CPUs already run the step."""
+    if scaling.loader_workers == "auto":
+        return max(0, int(scaling.cpus_per_worker) - 1) if scaling.use_gpu else 0
+    return scaling.loader_workers

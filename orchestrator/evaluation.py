@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset
 
 from curvature import class_geometry
 from curvature.rotation import TangentDim
-from orchestrator.config import ExperimentConfig
+from orchestrator.config import ExperimentConfig, loader_workers
 from orchestrator.data import DataBundle
 from orchestrator.data.long_tail import per_class_subsample
 from orchestrator.progress import ProgressLine
@@ -46,10 +46,12 @@ EVAL_BATCH = 512
 def evaluation_loaders(data: DataBundle, config: ExperimentConfig) -> tuple[DataLoader, DataLoader]:
     """The test set, and the training images whose features geometry epochs measure: at most
     ``eval.geometry_max_points`` per class, the same ones at every epoch (drawn with the run's seed),
-    without augmentation. ``curvlt measure --checkpoint`` measures the same images."""
+    without augmentation. ``curvlt measure --checkpoint`` measures the same images. Both read with
+    the run's loader processes (:func:`~orchestrator.config.loader_workers`)."""
     subsample = per_class_subsample(data.train_labels, config.eval.geometry_max_points, config.seed)
-    return (DataLoader(data.test, batch_size=EVAL_BATCH),
-            DataLoader(Subset(data.train_plain, subsample.tolist()), batch_size=EVAL_BATCH))
+    processes = loader_workers(config.scaling)
+    return (DataLoader(data.test, batch_size=EVAL_BATCH, num_workers=processes),
+            DataLoader(Subset(data.train_plain, subsample.tolist()), batch_size=EVAL_BATCH, num_workers=processes))
 
 
 @dataclass

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from curvature.regularizer import CurvatureRegularizer
 from orchestrator.checkpoint_features import CHECKPOINT_FILE, load_state
-from orchestrator.config import ExperimentConfig, check_feature_dim, config_from_dict
-from orchestrator.data import build_dataset
+from orchestrator.config import ExperimentConfig, check_feature_dim, config_from_dict, loader_workers
+from orchestrator.data import DataBundle, build_dataset
 from orchestrator.data.long_tail import shot_groups
 from orchestrator.evaluation import (GEOMETRY_PREFIXES, accuracy_metrics, class_accuracy, correlation_metrics,
                                      evaluation_loaders, geometry_table, predict, split_geometry)
@@ -40,6 +40,21 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     the epoch and the worker alone, so a run resumed from a checkpoint at an epoch's end trains on
     exactly the batches the uninterrupted run would have, and workers do not draw the same crops."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def training_loader(data: DataBundle, config: ExperimentConfig, world_size: int, rank: int,
+                    pin_memory: bool = False) -> tuple[DataLoader, DistributedSampler]:
+    """This worker's share of the training set, ``train.batch_size // world_size`` per batch, and its
+    sampler (``set_epoch`` before each epoch). The sampler is ours, also on one worker: Ray's would
+    shuffle with seed 0 whatever ``config.seed`` says. The loader's processes
+    (:func:`~orchestrator.config.loader_workers`) start afresh at each epoch, not persistent: each
+    takes its torch seed from the draw the epoch's iterator makes after :func:`epoch_seed` seeded the
+    worker, so a resumed run still augments as the uninterrupted one did."""
+    sampler: DistributedSampler = DistributedSampler(data.train, num_replicas=world_size, rank=rank, shuffle=True,
+                                                     seed=config.seed)
+    loader = DataLoader(data.train, batch_size=max(1, config.train.batch_size // world_size), sampler=sampler,
+                        num_workers=loader_workers(config.scaling), pin_memory=pin_memory)
+    return loader, sampler
 
 
 def _mean_across_workers(values: torch.Tensor) -> torch.Tensor:
@@ -75,12 +90,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                               cuda_graphs=config.cr.cuda_graphs, every=config.cr.every).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.train.lr, momentum=config.train.momentum,
                                 weight_decay=config.train.weight_decay)
-    per_worker_batch = max(1, config.train.batch_size // world_size)
-    # Our own sampler, also on one worker: Ray's would shuffle with seed 0 whatever config.seed says.
-    sampler: DistributedSampler = DistributedSampler(data.train, num_replicas=world_size, rank=rank, shuffle=True,
-                                                     seed=config.seed)
-    train_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(data.train, batch_size=per_worker_batch, sampler=sampler), add_dist_sampler=False)
+    loader, sampler = training_loader(data, config, world_size, rank, pin_memory=device.type == "cuda")
+    train_loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
     test_loader, geometry_loader = evaluation_loaders(data, config)
     use_amp = config.train.amp and device.type == "cuda"
 

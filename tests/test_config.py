@@ -65,6 +65,8 @@ def test_overrides_are_typed(tmp_path):
     ("dataset.name=mnist", "dataset.name: unknown dataset 'mnist'; choose one of cifar100_lt"),
     ("mlflow.experiment=' '", "mlflow.experiment: must be a non-empty name, got ' '"),
     ("model.head=mlp", "model.head: must be 'auto' or 'linear' or 'cosine'"),
+    ("scaling.loader_workers=-1", "scaling.loader_workers: must be 'auto' or an integer >= 0, got -1"),
+    ("scaling.loader_workers=many", "scaling.loader_workers: must be an integer or 'auto', got 'many'"),
     ("model.head=cosine", "model.head: cosine needs loss.name ldam, which scales the cosine logits (in [-1, 1]) by "
                           "loss.ldam_s; got loss.name ce"),
 ])

@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.config import DatasetConfig, SyntheticConfig, load_config
-from orchestrator.data import DATASETS, build_dataset
+from orchestrator.config import DatasetConfig, SyntheticConfig, load_config, loader_workers
+from orchestrator.data import DATASETS, DataBundle, build_dataset
+from orchestrator.data.tensors import TensorImages, pad_crop_flip
 from orchestrator.errors import UserError
 from orchestrator.models import MODELS, CosineHead, build_model, create_model
+from orchestrator.train_loop import epoch_seed, training_loader
 
 LOCAL = {"digits_lt": (10, (1, 8, 8)), "fashion_mnist_lt": (10, (1, 28, 28)), "synthetic_manifolds": (8, (16,))}
 NEEDS_FILES = ["cifar10_lt", "cifar100_lt", "imagenet_lt", "inat2018"]
@@ -98,3 +100,43 @@ def test_cosine_head_gives_the_cosines_of_features_and_class_weights():
         assert float(logits.abs().max()) <= 1.0 + 1e-6
         # a sample's scale changes none of its logits
         torch.testing.assert_close(model.forward_head(3.0 * features), logits)
+
+
+@pytest.mark.parametrize("scaling,processes", [({"use_gpu": False, "cpus_per_worker": 4}, 0),
+                                               ({"use_gpu": True, "cpus_per_worker": 4}, 3),
+                                               ({"use_gpu": True, "cpus_per_worker": 1}, 0),
+                                               ({"use_gpu": False, "loader_workers": 2}, 2)])
+def test_loader_processes_follow_the_workers_cpus(scaling, processes):
+    """"auto": a GPU worker's CPUs but one read ahead; a CPU worker's CPUs compute."""
+    overrides = [f"scaling.{key}={str(value).lower()}" for key, value in scaling.items()]
+    assert loader_workers(load_config("digits_lt", overrides).scaling) == processes
+
+
+def test_a_resumed_epoch_draws_the_same_augmented_batches_with_loader_processes():
+    """The train loop seeds each epoch (``epoch_seed``) before it iterates; with two loader
+    processes, an epoch's batches (order and random crops) must then be the same whether the run got
+    there from epoch 0 or was resumed at that epoch, as they are with none."""
+    images = torch.arange(48 * 3 * 8 * 8, dtype=torch.float32).reshape(48, 3, 8, 8)
+    labels = torch.arange(48) % 4
+    data = DataBundle(train=TensorImages(images, labels, pad_crop_flip(2)), train_plain=TensorImages(images, labels),
+                      test=TensorImages(images, labels), train_labels=labels.numpy(), num_classes=4,
+                      input_shape=(3, 8, 8))
+    config = load_config("digits_lt", ["train.batch_size=16", "scaling.loader_workers=2"])
+
+    def epochs(first: int, last: int) -> list[list[torch.Tensor]]:
+        loader, sampler = training_loader(data, config, world_size=1, rank=0)
+        assert loader.num_workers == 2
+        seen = []
+        for epoch in range(first, last + 1):
+            sampler.set_epoch(epoch)
+            torch.manual_seed(epoch_seed(config.seed, epoch, 0))
+            seen.append([batch for batch, _ in loader])
+        return seen
+
+    uninterrupted, resumed = epochs(0, 1), epochs(1, 1)
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted[1], resumed[0]))
+    assert not all(torch.equal(a, b) for a, b in zip(uninterrupted[0], uninterrupted[1]))
+    loader, sampler = training_loader(data, config, world_size=1, rank=0)
+    sampler.set_epoch(1)
+    torch.manual_seed(12345)  # the same images in the same order, other crops
+    assert not all(torch.equal(a, b) for a, b in zip(resumed[0], [batch for batch, _ in loader]))

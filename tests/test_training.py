@@ -93,13 +93,14 @@ def _measure_checkpoint_again(client: MlflowClient, run, tmp_path: Path) -> None
 def test_stopped_run_continues_with_resume_from_another_directory(tmp_path):
     """SIGTERM (a preempted job) and then Ctrl-C end the run KILLED; ``--resume`` continues it from its
     checkpoint in the same MLflow run, found from another directory through the run's storage tag:
-    first as the newest unfinished run with this config, then by its id."""
+    first as the newest unfinished run with this config, then by its id. The worker reads its
+    batches through a loader process, as GPU workers do by default."""
     epochs, started, elsewhere = 8, tmp_path / "started", tmp_path / "elsewhere"
     started.mkdir(), elsewhere.mkdir()
     store = f"sqlite:///{started / 'mlflow.db'}"
     args = [CURVLT, "train", "digits_lt", "--set", f"train.epochs={epochs}", "--set", "train.batch_size=8",
             "--set", "cr.weight=0.2", "--set", "cr.start_epoch=0", "--set", "checkpoint.every=1",
-            "--set", f"mlflow.tracking_uri={store}"]
+            "--set", "scaling.loader_workers=1", "--set", f"mlflow.tracking_uri={store}"]
     client = MlflowClient(store)
     output, status = _stop_after_epoch(args, started, 2, signal.SIGTERM)
     assert status == 130 and "curvlt: interrupted" in output, output[-3000:]
