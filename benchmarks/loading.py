@@ -25,7 +25,8 @@ from _machine import describe
 from orchestrator.config import load_config
 from orchestrator.data import DataBundle
 from orchestrator.data.long_tail import long_tail_counts
-from orchestrator.data.tensors import TensorImages, pad_crop_flip
+from orchestrator.data.datasets import cifar_augmentation
+from orchestrator.data.tensors import TensorImages
 from orchestrator.train_loop import epoch_seed, training_loader
 
 
@@ -33,9 +34,9 @@ def cifar100_lt_shaped() -> DataBundle:
     """Random images with CIFAR-100-LT's (IF 100) class counts and the CIFAR augmentation."""
     labels = torch.as_tensor(np.repeat(np.arange(100), long_tail_counts(500, 100, 100)))
     images = torch.randn(len(labels), 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return DataBundle(train=TensorImages(images, labels, pad_crop_flip()), train_plain=TensorImages(images, labels),
-                      test=TensorImages(images[:100], labels[:100]), train_labels=labels.numpy(), num_classes=100,
-                      input_shape=(3, 32, 32))
+    plain = TensorImages(images, labels)
+    return DataBundle(train=TensorImages(images, labels, cifar_augmentation()), train_plain=plain, test=plain,
+                      train_labels=labels.numpy(), num_classes=100, input_shape=(3, 32, 32))
 
 
 def one_epoch(data: DataBundle, processes: int, step_s: float, steps: int) -> tuple[float, list[float], float]:

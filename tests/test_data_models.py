@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ from torch import nn
 
 from orchestrator.config import DatasetConfig, SyntheticConfig, load_config, loader_workers
 from orchestrator.data import DATASETS, DataBundle, build_dataset
-from orchestrator.data.tensors import TensorImages, pad_crop_flip
+from orchestrator.data.datasets import CIFAR_MEAN, CIFAR_STD, cifar_augmentation
+from orchestrator.data.tensors import PadCropFlip, TensorImages
 from orchestrator.errors import UserError
 from orchestrator.models import MODELS, CosineHead, build_model, create_model
 from orchestrator.train_loop import epoch_seed, training_loader
@@ -118,7 +121,7 @@ def test_a_resumed_epoch_draws_the_same_augmented_batches_with_loader_processes(
     there from epoch 0 or was resumed at that epoch, as they are with none."""
     images = torch.arange(48 * 3 * 8 * 8, dtype=torch.float32).reshape(48, 3, 8, 8)
     labels = torch.arange(48) % 4
-    data = DataBundle(train=TensorImages(images, labels, pad_crop_flip(2)), train_plain=TensorImages(images, labels),
+    data = DataBundle(train=TensorImages(images, labels, PadCropFlip(2)), train_plain=TensorImages(images, labels),
                       test=TensorImages(images, labels), train_labels=labels.numpy(), num_classes=4,
                       input_shape=(3, 8, 8))
     config = load_config("digits_lt", ["train.batch_size=16", "scaling.loader_workers=2"])
@@ -140,3 +143,43 @@ def test_a_resumed_epoch_draws_the_same_augmented_batches_with_loader_processes(
     sampler.set_epoch(1)
     torch.manual_seed(12345)  # the same images in the same order, other crops
     assert not all(torch.equal(a, b) for a, b in zip(resumed[0], [batch for batch, _ in loader]))
+
+
+def test_cifar_crops_pad_with_the_fill_of_each_channel():
+    """Padding is black in the raw image (torchvision's ``RandomCrop(32, padding=4)`` before
+    ``Normalize``): after normalisation a different value per channel, not 0."""
+    fill = torch.tensor([-1.0, -2.0, -3.0])
+    augment = PadCropFlip(padding=2, fill=fill)
+    torch.manual_seed(0)
+    crops = torch.stack([augment(torch.ones(3, 4, 4)) for _ in range(200)])
+    assert crops.shape == (200, 3, 4, 4)
+    for channel in range(3):
+        values = set(crops[:, channel].unique().tolist())
+        assert values == {1.0, fill[channel].item()}, values  # each crop: image, and the channel's fill
+    assert (crops == 1).all(dim=(1, 2, 3)).any()  # some crops fall on the image alone
+    assert set(PadCropFlip(padding=2)(torch.ones(3, 4, 4)).unique().tolist()) <= {0.0, 1.0}
+    torch.manual_seed(3)  # CIFAR's padding, un-normalised, is black
+    padding = [crop[~crop.isnan()].reshape(3, -1) for crop in (cifar_augmentation()(torch.full((3, 32, 32), torch.nan))
+                                                                for _ in range(20))]
+    raw = torch.cat(padding, dim=1) * CIFAR_STD[:, None] + CIFAR_MEAN[:, None]
+    assert raw.shape[1] > 0 and raw.abs().max() < 1e-6
+
+
+def test_a_crop_is_the_window_of_the_padded_image():
+    """The crop is cut without padding the image first: the same pixels as the padded image's
+    window at every offset, flipped or not; and the augmentation pickles, as DataLoader processes
+    started by spawn need."""
+    fill, image = torch.tensor([-1.0, -2.0, -3.0]), torch.randn(3, 6, 5)
+    augment = pickle.loads(pickle.dumps(PadCropFlip(padding=2, fill=fill)))
+    padded = fill[:, None, None].repeat(1, 10, 9)
+    padded[:, 2:8, 2:7] = image
+    windows = set()
+    for seed in range(200):
+        torch.manual_seed(seed)
+        top, left = torch.randint(0, 5, (2,)).tolist()
+        flipped = bool(torch.rand(()) < 0.5)
+        window = padded[:, top : top + 6, left : left + 5]
+        torch.manual_seed(seed)
+        assert torch.equal(augment(image), window.flip(-1) if flipped else window), (top, left, flipped)
+        windows.add((top, left, flipped))
+    assert len(windows) == 50  # every offset, flipped and not

@@ -4,6 +4,7 @@ returns a :class:`DataBundle` whose training split is already long-tailed."""
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from torch.utils.data import Dataset
 from curvature import manifolds
 from orchestrator.config import DatasetConfig
 from orchestrator.data.long_tail import long_tail_indices
-from orchestrator.data.tensors import TensorImages, pad_crop_flip
+from orchestrator.data.tensors import PadCropFlip, TensorImages
 from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 
@@ -136,6 +137,10 @@ def synthetic_manifolds(config: DatasetConfig, seed: int) -> DataBundle:
                    cfg.num_classes, true_curvature=2.0 * cfg.radius_max / radii)
 
 
+#: Per-channel mean and std of CIFAR's training images, which the images are normalised with.
+CIFAR_MEAN, CIFAR_STD = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.2023, 0.1994, 0.2010])
+
+
 def _cifar(config: DatasetConfig, seed: int, num_classes: int) -> DataBundle:
     from torchvision.datasets import CIFAR10, CIFAR100
 
@@ -148,14 +153,18 @@ def _cifar(config: DatasetConfig, seed: int, num_classes: int) -> DataBundle:
             raise _download_failed(config, root, exc) from None
         raise UserError(f"dataset {config.name}: not found under {root} ({exc}); "
                         f"set dataset.download=true or dataset.root to a folder holding it") from None
-    mean = torch.tensor([0.4914, 0.4822, 0.4465])[:, None, None]
-    std = torch.tensor([0.2023, 0.1994, 0.2010])[:, None, None]
+    mean, std = CIFAR_MEAN[:, None, None], CIFAR_STD[:, None, None]
 
     def to_tensor(images: np.ndarray) -> torch.Tensor:
         return (torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0 - mean) / std
 
     return _bundle(to_tensor(train.data), np.asarray(train.targets, dtype=np.int64), to_tensor(test.data),
-                   np.asarray(test.targets, dtype=np.int64), config, seed, num_classes, augment=pad_crop_flip())
+                   np.asarray(test.targets, dtype=np.int64), config, seed, num_classes, augment=cifar_augmentation())
+
+
+def cifar_augmentation() -> Callable[[torch.Tensor], torch.Tensor]:
+    """Pad-crop and flip of normalised CIFAR images, padding with black as the standard protocol does."""
+    return PadCropFlip(fill=-CIFAR_MEAN / CIFAR_STD)
 
 
 @DATASETS.register("cifar10_lt")

@@ -24,14 +24,25 @@ class TensorImages(Dataset):
         return (self.augment(image) if self.augment else image), self.labels[index]
 
 
-def pad_crop_flip(padding: int = 4) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Standard CIFAR augmentation: zero-pad by ``padding``, random crop back, horizontal flip."""
+class PadCropFlip:
+    """Standard CIFAR augmentation: pad by ``padding``, random crop back, horizontal flip. ``fill``
+    (C,) is the padding's value per channel: for normalised images, where black pixels went, as
+    torchvision's ``RandomCrop(32, padding=4)`` pads the raw image with black before ``Normalize``
+    (the protocol of Cao et al.'s LDAM-DRW code); zeros when not given. The crop is cut without
+    building the padded image: a copy of the fill, and the part of the image the crop window covers.
+    A class rather than a closure, so that DataLoader processes started by spawn (macOS) can take it."""
 
-    def augment(image: torch.Tensor) -> torch.Tensor:
-        _, height, width = image.shape
-        padded = torch.nn.functional.pad(image, (padding,) * 4)
-        top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
-        crop = padded[:, top : top + height, left : left + width]
+    def __init__(self, padding: int = 4, fill: torch.Tensor | None = None):
+        self.padding, self.fill = padding, fill
+        self._blank: torch.Tensor | None = None  # the fill at the images' shape, made at the first image
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        channels, height, width = image.shape
+        if self._blank is None or self._blank.shape != image.shape or self._blank.dtype != image.dtype:
+            fill = image.new_zeros(channels) if self.fill is None else self.fill.to(image.dtype)
+            self._blank = fill[:, None, None].repeat(1, height, width)
+        down, right = (offset - self.padding for offset in torch.randint(0, 2 * self.padding + 1, (2,)).tolist())
+        crop = self._blank.clone()
+        crop[:, max(0, -down) : height - max(0, down), max(0, -right) : width - max(0, right)] = \
+            image[:, max(0, down) : height + min(0, down), max(0, right) : width + min(0, right)]
         return crop.flip(-1) if bool(torch.rand(()) < 0.5) else crop
-
-    return augment
