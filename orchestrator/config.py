@@ -327,6 +327,12 @@ def _check_registered_names(config: ExperimentConfig) -> None:
         registry.get(name)
 
 
+def is_uri(location: str) -> bool:
+    """A storage location such as s3://bucket/runs (``checkpoint.storage_path``; a checkpoint's
+    location) rather than a local folder."""
+    return "://" in location
+
+
 def model_head(config: ExperimentConfig) -> Literal["linear", "cosine"]:
     """The classifier ``model.head`` names, with "auto" resolved: cosine for LDAM, linear otherwise."""
     if config.model.head == "auto":

@@ -1,4 +1,4 @@
-"""``curvlt measure FEATURES | --example | --checkpoint FOLDER`` — the per-class geometry table of a
+"""``curvlt measure FEATURES | --example | --checkpoint FOLDER|URI`` — the per-class geometry table of a
 feature file, of the bundled example, or of a trained run's model (SPEC §9)."""
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="measure the bundled example (spheres of known radius, one per class)")
     parser.add_argument("--checkpoint", metavar="FOLDER",
                         help="measure the features a curvlt run's model gives on its own data: a checkpoint folder "
-                             "(the 'checkpoint:' line curvlt train ends with; MLflow tag curvlt.checkpoint)")
+                             "(the 'checkpoint:' line curvlt train ends with; MLflow tag curvlt.checkpoint), local "
+                             "or a URI such as s3://bucket/... where checkpoint.storage_path was one")
     parser.add_argument("--split",
                         help="with --checkpoint: 'train' (default: the training images its geometry epochs measure, "
                              "eval.geometry_max_points per class) or 'test'")
@@ -114,8 +115,8 @@ def _measure_checkpoint(args: argparse.Namespace, k: int | None,
     from orchestrator.checkpoint_features import checkpoint_features
     from orchestrator.evaluation import GEOMETRY_PREFIXES, correlation_metrics
 
-    folder, split = Path(args.checkpoint), args.split or "train"
-    trained = checkpoint_features(folder, split)
+    split = args.split or "train"
+    trained = checkpoint_features(args.checkpoint, split)
     features, labels = trained.features.features, trained.features.labels
     if args.save_features:  # before measuring, which may take long
         np.savez(args.save_features, features=features.numpy(), labels=labels.numpy())
@@ -128,7 +129,7 @@ def _measure_checkpoint(args: argparse.Namespace, k: int | None,
         table["true_curvature"] = trained.true_curvature[present]
     metrics = correlation_metrics(table, trained.test_accuracy, GEOMETRY_PREFIXES[split])
     config = trained.config
-    heading = (f"{folder}: {config.dataset.name}, {config.model.name}, after epoch "
+    heading = (f"{args.checkpoint}: {config.dataset.name}, {config.model.name}, after epoch "
                f"{trained.epoch}/{config.train.epochs}; {split} features: {features.shape[0]} points, "
                f"{features.shape[1]} dims, {table.shape[0]} classes, k={k}, tangent dim {tangent_dim}")
     return heading, table, [f"  {name:40s} {value:.4f}" for name, value in metrics.items()]

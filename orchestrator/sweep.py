@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.config import ExperimentConfig
+from orchestrator.config import ExperimentConfig, is_uri
 from orchestrator.errors import UserError
 from orchestrator.preflight import check_data_and_model, check_workers_fit, runs_that_fit
 from orchestrator.ray_env import ensure_ray
 from orchestrator.search_space import SearchSpace, count_trials, swept_keys, trial_config, tune_param_space
 from orchestrator.tracking import (SWEEP_TAG, check_reachable, experiment_id, experiment_runs, finish_run,
                                    resolve_tracking_uri)
-from orchestrator.trainer import is_uri, run_storage
+from orchestrator.trainer import run_storage
 from orchestrator.trial import SweepTrial
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from orchestrator.config import ExperimentConfig
+from orchestrator.config import ExperimentConfig, is_uri
 from orchestrator.plots import accuracy_vs_curvature, correlations_over_epochs
 from orchestrator.errors import UserError
 from orchestrator.preflight import check_run_can_start, worker_resources
@@ -32,11 +32,6 @@ class TrainingOutcome:
     checkpoint_path: str | None
     final_metrics: dict[str, float]
     trained: bool = True  # False: the run had already finished (a resumed sweep's done trial)
-
-
-def is_uri(storage: str) -> bool:
-    """A storage location such as s3://bucket/runs rather than a local folder."""
-    return "://" in storage
 
 
 def run_storage(config: ExperimentConfig) -> str:

@@ -121,6 +121,23 @@ def test_checkpoint_features_are_the_runs_subsample_or_test_set(digits_checkpoin
     assert np.array_equal(train.test_accuracy, test.test_accuracy)
 
 
+def test_a_checkpoint_at_a_uri_is_read_from_there(digits_checkpoint, tmp_path):
+    """A run whose ``checkpoint.storage_path`` is a URI (s3://...) names its checkpoints by URI;
+    pyarrow reads any of its filesystems, here the local one through ``file://``."""
+    at_uri = checkpoint_features(digits_checkpoint.as_uri(), "test")
+    here = checkpoint_features(digits_checkpoint, "test")
+    assert torch.equal(at_uri.features.features, here.features.features) and at_uri.epoch == here.epoch
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for location, message in ((empty.as_uri(), "not a checkpoint of a curvlt run (no state.pt in it)"),
+                              ((tmp_path / "nowhere").as_uri(), "no such folder (give a checkpoint folder"),
+                              ((digits_checkpoint / CHECKPOINT_FILE).as_uri(), "not a folder (give a checkpoint"),
+                              ("nofs://bucket/run", "cannot read it (Unrecognized filesystem type in URI: nofs://")):
+        with pytest.raises(UserError) as info:
+            checkpoint_features(location, "test")
+        assert str(info.value).startswith(f"--checkpoint {location}: {message}"), str(info.value)
+
+
 def test_measure_a_checkpoint_and_save_its_features(digits_checkpoint, tmp_path):
     saved = tmp_path / "out" / "test-features.npz"
     result = run("measure", "--checkpoint", str(digits_checkpoint), "--split", "test", "--k", "8",
@@ -136,7 +153,7 @@ def test_measure_a_checkpoint_and_save_its_features(digits_checkpoint, tmp_path)
 
 @pytest.mark.parametrize("args,message", [
     (["--checkpoint", "nowhere"], "--checkpoint nowhere: no such folder"),
-    (["--checkpoint", "CK/state.pt"], "--checkpoint CK/state.pt: not a folder (give a local checkpoint folder"),
+    (["--checkpoint", "CK/state.pt"], "--checkpoint CK/state.pt: not a folder (give a checkpoint folder"),
     (["--checkpoint", "."], "--checkpoint .: not a checkpoint of a curvlt run (no state.pt in it)\n"),
     (["--checkpoint", "RUN"], "--checkpoint RUN: not a checkpoint of a curvlt run (no state.pt in it); give one of "
                               "its checkpoint folders (oldest first): checkpoint_000\n"),
