@@ -120,7 +120,7 @@ def _set_tag(store, run_id: str, key: str, value: str) -> None:
 
 def still_training(run) -> str:
     """The refusal for a run whose driver stamped it within :data:`STALE_AFTER_S`."""
-    age = seconds_since_heartbeat(run)
+    age = seconds_since_heartbeat(run) or 0.0  # stamped: a number
     return (f"--resume: run {run.info.run_id} is still training: its driver's last heartbeat was {age:.0f} s ago "
             f"(one every {INTERVAL_S:.0f} s); stop that driver first, or, if it was killed, try again in "
             f"{STALE_AFTER_S - age:.0f} s")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import os
 import shlex
 import time
@@ -71,7 +70,8 @@ def _submit(client, entrypoint: str, runtime_env: dict | None) -> str:
     (``ray start --head``) answers its Jobs API before the agent that runs jobs is up, and refuses
     with "No available agent to submit job, please try again later" (Ray 2.60)."""
     deadline = time.monotonic() + AGENT_WAIT_S
-    for attempt in itertools.count():
+    announced = False
+    while True:
         try:
             return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
         except RuntimeError as exc:
@@ -80,9 +80,10 @@ def _submit(client, entrypoint: str, runtime_env: dict | None) -> str:
             if time.monotonic() > deadline:
                 raise UserError(f"--address: the cluster has had no job agent for {AGENT_WAIT_S} s "
                                 f"({str(exc).splitlines()[0]})") from None
-        if attempt == 0:
+        if not announced:
             print(f"[curvlt] the cluster's job agent is not up yet; trying again for up to {AGENT_WAIT_S} s",
                   flush=True)
+            announced = True
         time.sleep(2.0)
 
 

@@ -109,6 +109,7 @@ class SweepTrial(tune.Trainable):
         self.thread.join()
         if self.error is not None:
             raise self.error
+        assert self.outcome is not None  # _train sets the outcome or the error
         if self.metric not in self.outcome.final_metrics:
             raise RuntimeError(f"trial {self.trial_id} finished without metric {self.metric!r}")
         return {**self.outcome.final_metrics, "done": True}
