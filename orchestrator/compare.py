@@ -1,10 +1,11 @@
-"""Comparison across runs (SPEC §8): runs grouped by (dataset, loss, CR weight) by default, and a
+"""Comparison across runs (SPEC §8) of one MLflow experiment or several: runs grouped by (dataset, loss, CR weight) by default, and a
 sweep's also by every other key it varies; mean ± std over seeds, shot groups, mean curvature,
 curvature imbalance and the accuracy-curvature correlation, and the gain over the same group
 without CR; as a table, CSV or JSON, and as plots logged to MLflow."""
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +29,8 @@ FINAL_METRICS = {"acc": "test/acc", "acc_many": "test/acc_many", "acc_medium": "
                  "curvature_imbalance": "geometry/curvature_imbalance",
                  "corr_acc_curvature": "geometry/corr_acc_curvature"}
 COMPARE_KEY = "compare"
+#: Characters of a comparison run's name that are kept (it lists the experiments compared).
+MAX_RUN_NAME = 200
 #: Experiment names an error about a missing experiment lists before "and N more".
 SHOWN_NAMES = 10
 
@@ -44,7 +47,7 @@ def runs_frame(experiment: str, uri: str) -> pd.DataFrame:
                         + (f"experiments there: {listed}" if names else "it has none"))
     rows = []
     for run in experiment_runs(uri, experiment, "attributes.status = 'FINISHED'"):
-        if run.data.tags.get(RUN_KEY_TAG) == COMPARE_KEY:
+        if run.data.tags.get(RUN_KEY_TAG, "").startswith(COMPARE_KEY):  # a comparison's own run
             continue
         row = {"run_id": run.info.run_id, **run.data.params, "swept": run.data.tags.get(SWEPT_TAG, "")}
         row.update({name: run.data.metrics.get(key, np.nan) for name, key in FINAL_METRICS.items()})
@@ -169,9 +172,11 @@ def plot_correlations(frame: pd.DataFrame, uri: str, path: Path, group_by: list[
     return _legend_and_save(fig, [ax], path)
 
 
-def log_comparison(experiment: str, uri: str, frame: pd.DataFrame, table: pd.DataFrame, group_by: list[str],
+def log_comparison(experiments: list[str], uri: str, frame: pd.DataFrame, table: pd.DataFrame, group_by: list[str],
                    out_dir: Path) -> list[Path]:
-    """Save the table and plots under ``out_dir`` and log them to the experiment's "compare" run."""
+    """Save the table and plots under ``out_dir`` and log them to the "compare" run of the first
+    experiment: its own comparison, or one per list of experiments compared together (named after
+    them, so that comparing the experiment alone does not overwrite it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "comparison.csv"]
     table.to_csv(paths[0], index=False)
@@ -179,25 +184,33 @@ def log_comparison(experiment: str, uri: str, frame: pd.DataFrame, table: pd.Dat
         series = [COLUMN_NAMES.get(k, k) for k in group_by if k not in ("dataset.name", "cr.weight")]
         paths.append(plot_accuracy_vs_weight(table, out_dir / "accuracy_vs_weight.png", series))
     paths.append(plot_correlations(frame, uri, out_dir / "correlation_curves.png", group_by))
-    existing = find_run(uri, experiment, COMPARE_KEY)
+    key, name = COMPARE_KEY, "compare"
+    if len(experiments) > 1:  # the names hashed: a run key goes into a search filter, names may hold quotes
+        key += ":" + hashlib.sha1("\n".join(experiments).encode()).hexdigest()[:12]
+        name = ("compare " + " + ".join(experiments))[:MAX_RUN_NAME]
+    existing = find_run(uri, experiments[0], key)
     if existing is not None:
         run_id = existing.info.run_id
     else:
-        experiment_id = client(uri).get_experiment_by_name(experiment).experiment_id
-        run_id = client(uri).create_run(experiment_id, run_name="compare", tags={RUN_KEY_TAG: COMPARE_KEY}).info.run_id
+        experiment_id = client(uri).get_experiment_by_name(experiments[0]).experiment_id
+        run_id = client(uri).create_run(experiment_id, run_name=name, tags={RUN_KEY_TAG: key}).info.run_id
     for path in paths:
         client(uri).log_artifact(run_id, str(path), "comparison")
     client(uri).set_terminated(run_id, "FINISHED")
     return paths
 
 
-def compare_experiment(experiment: str, group_by: list[str] | None = None, tracking_uri: str = "",
+def compare_experiment(experiments: str | list[str], group_by: list[str] | None = None, tracking_uri: str = "",
                        out_dir: Path | None = None) -> pd.DataFrame:
+    """The comparison of the finished runs of one experiment or of several together (e.g. one
+    sweep per base loss): their runs are pooled and grouped as one experiment's would be, so runs of
+    the same config in two experiments are repeats of one group."""
+    experiments = [experiments] if isinstance(experiments, str) else list(dict.fromkeys(experiments))
     uri = resolve_tracking_uri(tracking_uri)
     check_store_exists(uri)
-    frame = runs_frame(experiment, uri)
+    frame = pd.concat([runs_frame(experiment, uri) for experiment in experiments], ignore_index=True)
     group_by = group_by or default_group_by(frame)
     table = compare_runs(frame, group_by)
     with tempfile.TemporaryDirectory() as scratch:
-        log_comparison(experiment, uri, frame, table, group_by, out_dir or Path(scratch))
+        log_comparison(experiments, uri, frame, table, group_by, out_dir or Path(scratch))
     return table

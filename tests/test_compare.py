@@ -65,3 +65,42 @@ def test_accuracy_plot_draws_a_line_per_loss_and_other_grouped_key(tmp_path):
 def test_legend_entries_name_every_grouped_key_but_dataset_and_loss():
     assert _label(["dataset", "loss", "cr_weight", "train.epochs"], ("digits_lt", "ce", 0.5, 30)) == \
         "digits_lt, ce, cr_weight=0.5, train.epochs=30"
+
+
+def test_several_experiments_are_compared_together(tmp_path):
+    """One sweep per base loss, each its own experiment: their runs in one table, the same config
+    in two experiments counted as repeats of one group, and the comparison logged to the first
+    experiment under its own key, apart from that experiment's own comparison."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.cli import build_parser
+    from orchestrator.compare import COMPARE_KEY, compare_experiment
+    from orchestrator.tracking import RUN_KEY_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = MlflowClient(uri)
+    for experiment, loss, weight, seed, acc in (("ce", "ce", "0.0", "0", 0.80), ("ce", "ce", "0.5", "0", 0.82),
+                                                ("bsm", "balanced_softmax", "0.0", "0", 0.86),
+                                                ("bsm", "balanced_softmax", "0.5", "0", 0.88),
+                                                ("bsm", "ce", "0.0", "1", 0.84)):  # a CE run in the other one
+        found = store.get_experiment_by_name(experiment)
+        run = store.create_run(found.experiment_id if found else store.create_experiment(experiment))
+        for key, value in (("dataset.name", "d"), ("loss.name", loss), ("cr.weight", weight), ("seed", seed)):
+            store.log_param(run.info.run_id, key, value)
+        store.log_metric(run.info.run_id, "test/acc", acc)
+        store.set_terminated(run.info.run_id, "FINISHED")
+    args = build_parser().parse_args(["compare", "--experiment", "ce", "bsm", "--format", "json"])
+    assert args.experiment == ["ce", "bsm"]
+    for _ in range(2):  # the second time, the comparison's own run is not counted as a run
+        table = compare_experiment(args.experiment, tracking_uri=uri, out_dir=tmp_path / "out").set_index(
+            ["loss", "cr_weight"])
+        assert table["n_runs"].to_dict() == {("balanced_softmax", 0.0): 1, ("balanced_softmax", 0.5): 1,
+                                             ("ce", 0.0): 2, ("ce", 0.5): 1}
+        assert table.loc[("ce", 0.0), "acc_mean"] == pytest.approx(0.82)
+        assert table.loc[("balanced_softmax", 0.5), "delta_acc_vs_no_cr"] == pytest.approx(0.02)
+    compare_experiment("ce", tracking_uri=uri)
+    keys = sorted(run.data.tags[RUN_KEY_TAG] for run in store.search_runs([store.get_experiment_by_name("ce")
+                                                                           .experiment_id])
+                  if RUN_KEY_TAG in run.data.tags)
+    assert len(keys) == 2 and keys[0] == COMPARE_KEY and keys[1].startswith(COMPARE_KEY + ":")
+    assert (tmp_path / "out" / "comparison.csv").is_file()
