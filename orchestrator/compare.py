@@ -1,7 +1,8 @@
-"""Comparison across runs (SPEC §8) of one MLflow experiment or several: runs grouped by (dataset, loss, CR weight) by default, and a
-sweep's also by every other key it varies; mean ± std over seeds, shot groups, mean curvature,
-curvature imbalance and the accuracy-curvature correlation, and the gain over the same group
-without CR; as a table, CSV or JSON, and as plots logged to MLflow."""
+"""Comparison across runs (SPEC §8) of one MLflow experiment or several: runs grouped by
+(dataset, loss, CR weight) by default, and a sweep's also by every other key it varies; mean ± std
+over seeds, shot groups, mean curvature, curvature imbalance and the accuracy-curvature
+correlation, and the gain over the same group without CR; as a table, CSV or JSON, and as plots
+logged to MLflow."""
 
 from __future__ import annotations
 
