@@ -177,10 +177,11 @@ def _train_workers(root: psutil.Process) -> list[psutil.Process]:
     workers = []
     for child in root.children(recursive=True):
         try:
-            if child.cmdline() and child.cmdline()[0].startswith("ray::RayTrainWorker"):
-                workers.append(child)
-        except psutil.NoSuchProcess:
+            command = child.cmdline()  # read once: a process that is exiting may answer [] the next time
+        except psutil.Error:  # gone, or a zombie
             continue
+        if command and command[0].startswith("ray::RayTrainWorker"):
+            workers.append(child)
     return workers
 
 
