@@ -28,5 +28,6 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) / "+".join(dict.fromkeys(args.experiment))
     table = compare_experiment(args.experiment, args.group_by, args.tracking_uri, out_dir)
     print(render(table, args.format))
-    print(f"[curvlt] plots and CSV in {out_dir} (also logged to MLflow, run 'compare')", file=sys.stderr)
+    print(f"[curvlt] plots and CSV in {out_dir} (also logged to MLflow, in a 'compare' run of experiment "
+          f"{args.experiment[0]!r})", file=sys.stderr)
     return 0
